@@ -1,0 +1,111 @@
+"""The contract every distillation method meets, and the registry that finds them.
+
+A method is one file ``distill/<name>.py`` holding two things:
+
+* ``METHOD``: a plain dict literal that declares the method's name, its config keys (with defaults
+  and limits), the feature taps it reads and any pre-stage it needs. It is a literal, not code, so
+  that the planner (``pipeline/catalogue.py``) can read and validate a sweep without importing
+  torch; this file's ``Method`` reads the same dict at run time, so there is one source of truth.
+* a ``Method`` subclass decorated with ``@register_method``: an ``nn.Module`` whose own parameters
+  (translators, projections) are trained with the student and saved with it, and whose
+  ``loss()`` returns named loss terms that the training loop sums and logs one by one.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelOutput:
+    """What one forward pass of a tapped model gives a method: logits and named feature maps."""
+
+    logits: torch.Tensor
+    features: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Batch:
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """Facts a method needs to build its extra modules, known only once models exist.
+
+    ``teacher_tap_shapes`` / ``student_tap_shapes`` map tap name -> per-sample shape (C, H, W) or (D,).
+    ``pre_stage_dir`` is the weights folder of the method's pre-stage (FT's paraphraser), if any.
+    """
+
+    num_classes: int
+    teacher_tap_shapes: Mapping[str, tuple[int, ...]]
+    student_tap_shapes: Mapping[str, tuple[int, ...]]
+    pre_stage_dir: str | None = None
+
+
+class MethodConfigError(ValueError):
+    """A method setting that cannot work with these models; ``key`` names the offending setting."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+class Method(nn.Module):
+    """Base of all methods. Subclasses set ``METHOD`` (the module's declaration) and ``loss``."""
+
+    METHOD: ClassVar[dict[str, Any]]
+
+    def __init__(self, params: Mapping[str, Any], context: MethodContext):
+        super().__init__()
+        self.params = dict(params)
+        self.context = context
+
+    @classmethod
+    def check(cls, params: Mapping[str, Any], context: MethodContext) -> None:
+        """Raise MethodConfigError for settings that cannot work with these models' taps."""
+
+    @property
+    def teacher_taps(self) -> tuple[str, ...]:
+        """Teacher feature taps this method reads (names of modules in the teacher)."""
+        return ()
+
+    @property
+    def student_taps(self) -> tuple[str, ...]:
+        return ()
+
+    def loss(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch) -> dict[str, torch.Tensor]:
+        """Named scalar loss terms; the training loop sums them and logs each one."""
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: registers ``cls`` under its ``METHOD['name']``, which must match its file."""
+    name = cls.METHOD["name"]
+    module_name = cls.__module__.rsplit(".", 1)[-1]
+    if name != module_name:
+        raise ValueError(f"distill/{module_name}.py declares method {name!r}; a method's name must equal its file name")
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+        raise ValueError(f"method {name!r} registered twice")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def method_class(name: str) -> type[Method]:
+    """The registered class for ``name``, importing ``distill/<name>.py`` on first use."""
+    if name not in _REGISTRY:
+        try:
+            importlib.import_module(f"distill.{name}")
+        except ModuleNotFoundError as error:
+            if error.name == f"distill.{name}":
+                raise KeyError(f"unknown method {name!r}") from None
+            raise
+    return _REGISTRY[name]

@@ -1,0 +1,29 @@
+"""Stage jobs: one module per stage kind, each with ``run(spec, root)``.
+
+``run_stage`` is what backends submit. It imports the stage module only when the job runs, so
+submitting (and pickling a reference to this function) never imports torch.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from pipeline.plan import StageSpec
+from pipeline.store import StageFolders
+
+STAGE_KINDS = ("train_teacher", "pretrain_paraphraser", "train_student", "evaluate")
+
+
+def run_stage(spec: StageSpec | Mapping[str, Any], root: str | os.PathLike) -> str:
+    """Runs one stage to completion (resuming from its checkpoint) unless it is already DONE."""
+    if not isinstance(spec, StageSpec):
+        spec = StageSpec.from_dict(spec)
+    root = Path(root)
+    if StageFolders(root, spec.name).is_done():
+        return spec.name
+    if spec.kind not in STAGE_KINDS:
+        raise ValueError(f"unknown stage kind {spec.kind!r}; allowed: {', '.join(STAGE_KINDS)}")
+    importlib.import_module(f"stages.{spec.kind}").run(spec, root)
+    return spec.name
