@@ -1,0 +1,96 @@
+"""CIFAR-style ResNets (He et al. 2016, section 4.2) as the CRD/RepDistiller benchmarks use them.
+
+Three stages of BasicBlocks on a 3x3 stem, no max-pool, so an 8x8 digit and a 32x32 CIFAR image
+both keep spatial maps down to the last stage. A block whose width or stride changes gets a 1x1
+conv + BN shortcut (option B); this is what makes the parameter counts match the CRD tables
+(resnet8x4 1.23M, not the smaller option-A count of the original paper). No ReLU runs in place, so
+a tap on any submodule (say ``layer1.0.bn2``) keeps the values that module produced.
+
+``ARCHITECTURES`` is a plain literal because the planner reads it with ``ast.literal_eval``
+without importing torch: it is the one place that names these architectures and their taps.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+ARCHITECTURES = {
+    "resnet20": {"depth": 20, "widths": [16, 16, 32, 64], "taps": ["stem", "layer1", "layer2", "layer3", "pool"]},
+    "resnet56": {"depth": 56, "widths": [16, 16, 32, 64], "taps": ["stem", "layer1", "layer2", "layer3", "pool"]},
+    "resnet110": {"depth": 110, "widths": [16, 16, 32, 64], "taps": ["stem", "layer1", "layer2", "layer3", "pool"]},
+    "resnet8x4": {"depth": 8, "widths": [32, 64, 128, 256], "taps": ["stem", "layer1", "layer2", "layer3", "pool"]},
+    "resnet32x4": {"depth": 32, "widths": [32, 64, 128, 256], "taps": ["stem", "layer1", "layer2", "layer3", "pool"]},
+}
+
+
+def _conv3x3(in_channels: int, out_channels: int, stride: int) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with a residual shortcut; the shortcut projects only when the shape changes."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.conv1 = _conv3x3(in_channels, out_channels, stride)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = _conv3x3(out_channels, out_channels, 1)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class ResNetCifar(nn.Module):
+    """stem -> layer1 -> layer2 -> layer3 -> pool -> fc; the child names are the tap names.
+
+    ``depth`` is 6n + 2 (n blocks per stage); ``widths`` are the stem width then the three stages'.
+    """
+
+    def __init__(self, depth: int, widths: list[int], num_classes: int, in_channels: int):
+        super().__init__()
+        if (depth - 2) % 6 != 0 or depth < 8:
+            raise ValueError(f"CIFAR ResNet depth must be 6n + 2 with n >= 1, got {depth}")
+        if len(widths) != 4:
+            raise ValueError(f"CIFAR ResNet needs 4 widths (stem + 3 stages), got {widths}")
+        blocks = (depth - 2) // 6
+        self.stem = nn.Sequential(_conv3x3(in_channels, widths[0], 1), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        self.layer1 = self._stage(widths[0], widths[1], blocks, stride=1)
+        self.layer2 = self._stage(widths[1], widths[2], blocks, stride=2)
+        self.layer3 = self._stage(widths[2], widths[3], blocks, stride=2)
+        # A module of its own, not a call in forward(), so the penultimate features can be tapped.
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(widths[3], num_classes)
+        self._initialise()
+
+    @staticmethod
+    def _stage(in_channels: int, out_channels: int, blocks: int, stride: int) -> nn.Sequential:
+        first = BasicBlock(in_channels, out_channels, stride)
+        rest = [BasicBlock(out_channels, out_channels, 1) for _ in range(blocks - 1)]
+        return nn.Sequential(first, *rest)
+
+    def _initialise(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
+        return self.fc(self.pool(x))
+
+
+def build(arch: str, num_classes: int, in_channels: int) -> ResNetCifar:
+    """The network named ``arch`` in ``ARCHITECTURES``; the registry calls this."""
+    entry = ARCHITECTURES[arch]
+    return ResNetCifar(entry["depth"], entry["widths"], num_classes, in_channels)
