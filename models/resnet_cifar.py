@@ -20,6 +20,9 @@ ARCHITECTURES = {
     "resnet110": {"depth": 110, "widths": [16, 16, 32, 64], "taps": ["stem", "layer1", "layer2", "layer3", "pool"]},
     "resnet8x4": {"depth": 8, "widths": [32, 64, 128, 256], "taps": ["stem", "layer1", "layer2", "layer3", "pool"]},
     "resnet32x4": {"depth": 32, "widths": [32, 64, 128, 256], "taps": ["stem", "layer1", "layer2", "layer3", "pool"]},
+    # A quarter of resnet8's widths (8, 16, 32, 64), named like resnet8x4: about 5k parameters.
+    # Small enough that the bundled 8x8 digits show a real teacher/student capacity gap.
+    "resnet8x0.25": {"depth": 8, "widths": [2, 4, 8, 16], "taps": ["stem", "layer1", "layer2", "layer3", "pool"]},
 }
 
 
