@@ -1,0 +1,209 @@
+"""Aggregate a sweep's results into one mean ± std table per (dataset, teacher → student, method).
+
+The input is data, not files: a list of rows, one per (experiment, seed), each holding ``dataset``,
+``teacher``, ``student``, ``method``, ``seed``, ``role`` ("teacher" | "student") and, once its stage is
+done, the fields of its ``result.json``. A row without ``top1_last`` is a stage not finished yet: it is
+counted as pending and shown, never dropped, so a half-run sweep cannot pass for a complete one.
+
+Teacher rows are grouped like any other under the pair they carry (``student``); a teacher shared by
+two pairs is passed once per pair. Rows that differ only in a hyper-parameter must carry distinct
+``method`` labels (e.g. "kd T=4"): two results for one seed of one group are refused, not averaged.
+
+Spread is the sample standard deviation (ddof=1). With one finished seed it is undefined, so the table
+shows the value alone and the CSV leaves the std cell empty, rather than a misleading ± 0.00.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, NamedTuple
+
+from matplotlib.figure import Figure
+
+from pipeline import store
+from pipeline.plots import new_figure, png_bytes
+
+IDENTITY_KEYS = ("dataset", "teacher", "student", "method", "seed", "role")
+ROLES = ("teacher", "student")
+TEACHER = "teacher"
+VANILLA = "vanilla"
+METRICS = {
+    "top1_last": "top-1 last",
+    "top1_best_val": "top-1 best val",
+    "top5_best_val": "top-5 best val",
+    "agreement_best_val": "agreement best val",
+}
+PLOTTED_METRIC = "top1_best_val"
+PENDING = "pending"
+MISSING = "-"
+NOTE = (
+    "Accuracy (%) as mean ± sample standard deviation (ddof=1) over finished seeds; a single seed shows "
+    "its value alone. *best val* is the epoch chosen on the validation split; *agreement* is the share of "
+    "test images where student and teacher predict the same class."
+)
+
+
+class _Group(NamedTuple):
+    dataset: str
+    teacher: str
+    student: str | None
+    method: str
+
+
+@dataclass(frozen=True)
+class Stat:
+    mean: float
+    std: float | None
+
+    @classmethod
+    def of(cls, values: list[float]) -> Stat | None:
+        if not values:
+            return None
+        return cls(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None)
+
+    def __str__(self) -> str:
+        return f"{self.mean:.2f}" if self.std is None else f"{self.mean:.2f} ± {self.std:.2f}"
+
+
+@dataclass(frozen=True)
+class ReportRow:
+    """One line of the report: a method on a (dataset, pair), over its seeds."""
+
+    dataset: str
+    teacher: str
+    student: str | None
+    method: str
+    seeds: int
+    pending: int
+    metrics: dict[str, Stat | None]
+    parameters: int | None
+
+    @property
+    def pair(self) -> str:
+        return f"{self.teacher} → {self.student or MISSING}"
+
+
+def aggregate(rows: Iterable[Mapping[str, Any]]) -> list[ReportRow]:
+    """Group rows, average finished seeds, and order: pairs as first seen, then teacher, vanilla, A-Z."""
+    groups: dict[_Group, list[Mapping[str, Any]]] = {}
+    for index, row in enumerate(rows):
+        group = _group_of(index, row)
+        if any(other["seed"] == row["seed"] for other in groups.get(group, [])):
+            raise ValueError(
+                f"report row {index}: seed {row['seed']} of {group.method} on {group.dataset} {group.teacher} → "
+                f"{group.student} appears twice; give variants of a method distinct method labels"
+            )
+        groups.setdefault(group, []).append(row)
+    pair_order = {pair: index for index, pair in enumerate(dict.fromkeys(group[:3] for group in groups))}
+    ordered = sorted(groups, key=lambda group: (pair_order[group[:3]], *_method_order(group.method)))
+    return [_summarise(group, groups[group]) for group in ordered]
+
+
+def to_markdown(table: list[ReportRow]) -> str:
+    headers = ["dataset", "teacher → student", "method", "n", *METRICS.values(), "params"]
+    lines = ["# kdbench report", "", NOTE, "", _markdown_line(headers), _markdown_line(["---"] * len(headers))]
+    for row in table:
+        seeds = f"{row.seeds} (+{row.pending} {PENDING})" if row.pending else str(row.seeds)
+        metrics = [_metric_cell(row, row.metrics[name]) for name in METRICS]
+        parameters = MISSING if row.parameters is None else f"{row.parameters:,}"
+        lines.append(_markdown_line([row.dataset, row.pair, row.method, seeds, *metrics, parameters]))
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(table: list[ReportRow]) -> str:
+    """One row per group; numbers are bare numbers and an absent value is an empty cell."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    metric_columns = [f"{name}_{part}" for name in METRICS for part in ("mean", "std")]
+    writer.writerow(["dataset", "teacher", "student", "method", "n", "pending", *metric_columns, "parameters"])
+    for row in table:
+        cells: list[float | None] = []
+        for name in METRICS:
+            stat = row.metrics[name]
+            cells += [None, None] if stat is None else [stat.mean, stat.std]
+        writer.writerow([
+            row.dataset, row.teacher, row.student or "", row.method, row.seeds, row.pending,
+            *map(_number, cells), "" if row.parameters is None else row.parameters,
+        ])
+    return buffer.getvalue()
+
+
+def report_figure(table: list[ReportRow]) -> Figure:
+    """Grouped bars of mean top-1 (best on validation) with std error bars, one group per (dataset, pair).
+
+    The y axis starts a few points below the lowest bar: methods differ by a point or two, which a
+    0-100 axis would hide.
+    """
+    groups = list(dict.fromkeys((row.dataset, row.pair) for row in table))
+    methods = sorted({row.method for row in table}, key=_method_order)
+    cells = {(row.dataset, row.pair, row.method): row.metrics[PLOTTED_METRIC] for row in table}
+    width = 0.8 / max(len(methods), 1)
+    figure = new_figure(width=max(6.4, 1.0 + 0.4 * len(groups) * len(methods)), height=4.5)
+    axes = figure.add_subplot()
+    lows = []
+    for offset, method in enumerate(methods):
+        stats = [cells.get((dataset, pair, method)) for dataset, pair in groups]
+        heights = [math.nan if stat is None else stat.mean for stat in stats]
+        errors = [math.nan if stat is None or stat.std is None else stat.std for stat in stats]
+        positions = [group + (offset - (len(methods) - 1) / 2) * width for group in range(len(groups))]
+        axes.bar(positions, heights, width, yerr=errors, capsize=3, label=method)
+        lows += [stat.mean - (stat.std or 0.0) for stat in stats if stat is not None]
+    if lows:
+        axes.set_ylim(bottom=max(0.0, math.floor(min(lows)) - 5))
+    axes.set_xticks(range(len(groups)), [f"{dataset}\n{pair}" for dataset, pair in groups], fontsize="small")
+    axes.set_ylabel(f"{METRICS[PLOTTED_METRIC]} (%)")
+    axes.grid(True, axis="y", alpha=0.3)
+    if methods:
+        axes.legend(fontsize="small", ncols=min(len(methods), 4))
+    return figure
+
+
+def write_report(table: list[ReportRow], folder: Path) -> list[Path]:
+    files = {
+        folder / "report.md": to_markdown(table).encode(),
+        folder / "report.csv": to_csv(table).encode(),
+        folder / "report.png": png_bytes(report_figure(table)),
+    }
+    for path, data in files.items():
+        store.write_atomic(path, data)
+    return list(files)
+
+
+def _group_of(index: int, row: Mapping[str, Any]) -> _Group:
+    for key in IDENTITY_KEYS:
+        if key not in row:
+            raise ValueError(f"report row {index}: missing key '{key}' (rows need {', '.join(IDENTITY_KEYS)})")
+    if row["role"] not in ROLES:
+        raise ValueError(f"report row {index}: role '{row['role']}' is not one of {', '.join(ROLES)}")
+    method = TEACHER if row["role"] == TEACHER else row["method"]
+    return _Group(row["dataset"], row["teacher"], row["student"], method)
+
+
+def _summarise(group: _Group, rows: list[Mapping[str, Any]]) -> ReportRow:
+    done = [row for row in rows if row.get("top1_last") is not None]
+    metrics = {name: Stat.of([row[name] for row in done if row.get(name) is not None]) for name in METRICS}
+    parameters = next((row["parameters"] for row in done if row.get("parameters") is not None), None)
+    return ReportRow(*group, len(done), len(rows) - len(done), metrics, parameters)
+
+
+def _method_order(method: str) -> tuple[int, str]:
+    """Teacher first, then the vanilla student every method is judged against, then the rest A-Z."""
+    return {TEACHER: 0, VANILLA: 1}.get(method, 2), method
+
+
+def _metric_cell(row: ReportRow, stat: Stat | None) -> str:
+    if stat is not None:
+        return str(stat)
+    return PENDING if row.seeds == 0 else MISSING
+
+
+def _markdown_line(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _number(value: float | None) -> float | str:
+    return "" if value is None else round(value, 4)
