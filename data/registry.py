@@ -1,0 +1,97 @@
+"""Loading a data set by name as normalised in-memory tensors with train, validation and test splits.
+
+A data set lives in a module of this package holding ``DATASETS`` (a literal the planner reads
+without importing torch), ``AUGMENT`` (its batched training augmentation) and
+``read(name, root) -> RawSplits``; adding one is a new module and one entry in ``_MODULES``. The
+validation split is carved here, the same way for every data set, from the official training part
+only, so that choosing on validation never looks at a test image.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from data import cifar, digits
+from data.splits import RawSplits, stratified_holdout
+
+DATA_ROOT_ENV = "KDBENCH_DATA"
+
+_MODULES: tuple[ModuleType, ...] = (digits, cifar)
+_MODULE_OF = {name: module for module in _MODULES for name in module.DATASETS}
+
+
+@dataclass(frozen=True, eq=False)
+class DatasetSplits:
+    """A data set ready for training: images float32 (N, C, H, W) normalised per channel with the
+    training split's mean and std (kept in ``channel_mean``/``channel_std`` to undo it), labels int64.
+
+    ``augment(images, generator)`` is the data set's training augmentation for a batch of these
+    images. The validation tensors are empty when ``val_fraction`` is 0.
+    """
+
+    train_images: Tensor
+    train_labels: Tensor
+    val_images: Tensor
+    val_labels: Tensor
+    test_images: Tensor
+    test_labels: Tensor
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    channel_mean: tuple[float, ...]
+    channel_std: tuple[float, ...]
+    augment: Callable[[Tensor, torch.Generator], Tensor]
+
+
+def dataset_names() -> list[str]:
+    return sorted(_MODULE_OF)
+
+
+def load_dataset(name: str, root: str | None, val_fraction: float, split_seed: int) -> DatasetSplits:
+    """Read ``name`` from ``root`` (None: env ``KDBENCH_DATA``) and hold out a seeded, stratified
+    ``val_fraction`` of its training part for validation."""
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise KeyError(f"unknown data set {name!r}; allowed: {', '.join(dataset_names())}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    raw = module.read(name, root or os.environ.get(DATA_ROOT_ENV) or None)
+    return _split_and_normalise(raw, module.DATASETS[name]["num_classes"], val_fraction, split_seed, module.AUGMENT)
+
+
+def _split_and_normalise(
+    raw: RawSplits,
+    num_classes: int,
+    val_fraction: float,
+    split_seed: int,
+    augment: Callable[[Tensor, torch.Generator], Tensor],
+) -> DatasetSplits:
+    train, val = stratified_holdout(raw.train_labels, val_fraction, split_seed)
+    train_images = torch.tensor(raw.train_images[train], dtype=torch.float32)
+    variance, mean = torch.var_mean(train_images, dim=(0, 2, 3), correction=0)
+    std = variance.sqrt()
+
+    def normalised(images: Tensor) -> Tensor:
+        return images.sub_(mean[:, None, None]).div_(std[:, None, None])
+
+    def labels(values: np.ndarray) -> Tensor:
+        return torch.tensor(values, dtype=torch.int64)
+
+    return DatasetSplits(
+        train_images=normalised(train_images),
+        train_labels=labels(raw.train_labels[train]),
+        val_images=normalised(torch.tensor(raw.train_images[val], dtype=torch.float32)),
+        val_labels=labels(raw.train_labels[val]),
+        test_images=normalised(torch.tensor(raw.test_images, dtype=torch.float32)),
+        test_labels=labels(raw.test_labels),
+        num_classes=num_classes,
+        image_shape=tuple(raw.train_images.shape[1:]),
+        channel_mean=tuple(mean.tolist()),
+        channel_std=tuple(std.tolist()),
+        augment=augment,
+    )

@@ -1,0 +1,385 @@
+"""The data package: digits splits, CIFAR files in their official on-disk format, augmentation.
+
+The CIFAR tests write tiny data sets byte for byte the way the official ones are: Python 2
+protocol-2 pickles (every string a BINSTRING, read back as bytes; numpy arrays rebuilt through
+``numpy.core.multiarray``) in the official folder names, and the same folders packed as .tar.gz.
+"""
+from __future__ import annotations
+
+import ast
+import os
+import pickle
+import shutil
+import struct
+import tarfile
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data import cifar, digits
+from data.augment import RandomCropFlip
+from data.errors import DatasetCorruptError, DatasetNotFoundError
+from data.registry import DatasetSplits, dataset_names, load_dataset
+from data.splits import stratified_holdout
+
+_REBUILD_ARRAY = np.empty(0).__reduce__()[0]
+
+
+class _Python2Pickler(pickle._Pickler):
+    """Pickles as Python 2's cPickle did when the CIFAR files were made."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_binstring(self, obj: str | bytes) -> None:
+        raw = obj.encode("latin-1") if isinstance(obj, str) else obj
+        size = bytes([len(raw)]) if len(raw) < 256 else struct.pack("<i", len(raw))
+        self.write((pickle.SHORT_BINSTRING if len(raw) < 256 else pickle.BINSTRING) + size + raw)
+        self.memoize(obj)
+
+    dispatch[str] = dispatch[bytes] = save_binstring
+
+    def save_global(self, obj: Any, name: str | None = None) -> None:
+        if obj is _REBUILD_ARRAY:
+            self.write(pickle.GLOBAL + b"numpy.core.multiarray\n_reconstruct\n")
+            self.memoize(obj)
+        else:
+            super().save_global(obj, name)
+
+
+def _write_pickle(path: Path, content: dict[bytes, Any]) -> None:
+    with path.open("wb") as stream:
+        _Python2Pickler(stream, protocol=2).dump(content)
+
+
+def _known_image() -> np.ndarray:
+    """Red rises left to right, green top to bottom, blue is flat: any axis mix-up shows."""
+    ys, xs = np.mgrid[0:32, 0:32]
+    return np.stack([xs * 8, ys * 8, np.full((32, 32), 200)]).astype(np.uint8)
+
+
+def _official_rows(images: np.ndarray) -> np.ndarray:
+    """CIFAR's row: the 1024 red values row-major, then the 1024 green, then the 1024 blue."""
+    return np.stack([np.concatenate([image[0].ravel(), image[1].ravel(), image[2].ravel()]) for image in images])
+
+
+def _batch(images: np.ndarray, labels: list[int], label_key: bytes, title: bytes) -> dict[bytes, Any]:
+    return {
+        b"batch_label": title,
+        label_key: labels,
+        b"data": _official_rows(images),
+        b"filenames": [b"image_%05d.png" % index for index in range(len(labels))],
+    }
+
+
+def _random_images(rng: np.random.Generator, count: int) -> np.ndarray:
+    images = rng.integers(0, 256, size=(count, 3, 32, 32), dtype=np.uint8)
+    images[0] = _known_image()
+    return images
+
+
+def _write_cifar10(root: Path, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir()
+    train = _random_images(rng, 100)
+    train_labels = [index % 10 for index in range(100)]
+    for number in range(5):
+        part = slice(20 * number, 20 * (number + 1))
+        title = b"training batch %d of 5" % (number + 1)
+        _write_pickle(folder / f"data_batch_{number + 1}", _batch(train[part], train_labels[part], b"labels", title))
+    test = _random_images(rng, 20)
+    test_labels = [(3 * index) % 10 for index in range(20)]
+    _write_pickle(folder / "test_batch", _batch(test, test_labels, b"labels", b"testing batch 1 of 1"))
+    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
+    _write_pickle(folder / "batches.meta", {b"num_cases_per_batch": 20, b"label_names": names, b"num_vis": 3072})
+    (folder / "readme.html").write_text("<html></html>")
+    return {"train": train, "train_labels": np.array(train_labels), "test": test, "test_labels": np.array(test_labels)}
+
+
+def _write_cifar100(root: Path, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    folder = root / "cifar-100-python"
+    folder.mkdir()
+    train, train_labels = _random_images(rng, 100), list(range(100))
+    test, test_labels = _random_images(rng, 20), [(7 * index) % 100 for index in range(20)]
+    for member, images, labels in (("train", train, train_labels), ("test", test, test_labels)):
+        content = _batch(images, labels, b"fine_labels", member.encode())
+        content[b"coarse_labels"] = [label // 5 for label in labels]
+        _write_pickle(folder / member, content)
+    _write_pickle(folder / "meta", {
+        b"fine_label_names": [b"fine_%d" % index for index in range(100)],
+        b"coarse_label_names": [b"coarse_%d" % index for index in range(20)],
+    })
+    return {"train": train, "train_labels": np.array(train_labels), "test": test, "test_labels": np.array(test_labels)}
+
+
+@pytest.fixture(scope="module")
+def cifar_roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A root with both data sets extracted, a root with only the official archives, and what was written."""
+    folders, archives = tmp_path_factory.mktemp("extracted"), tmp_path_factory.mktemp("archives")
+    rng = np.random.default_rng(0)
+    written = {"cifar10": _write_cifar10(folders, rng), "cifar100": _write_cifar100(folders, rng)}
+    for folder in ("cifar-10-batches-py", "cifar-100-python"):
+        archive = "cifar-10-python.tar.gz" if folder.startswith("cifar-10-") else "cifar-100-python.tar.gz"
+        with tarfile.open(archives / archive, "w:gz") as tar:
+            tar.add(folders / folder, arcname=folder)
+    return {"folder": folders, "archive": archives, "written": written}
+
+
+def _pixels(images: torch.Tensor, data: DatasetSplits) -> np.ndarray:
+    mean, std = torch.tensor(data.channel_mean), torch.tensor(data.channel_std)
+    return (images * std[:, None, None] + mean[:, None, None]).round().numpy()
+
+
+def _declared(module: ModuleType) -> dict[str, Any]:
+    source = Path(module.__file__).read_text()
+    assignments = [
+        node for node in ast.parse(source).body
+        if isinstance(node, ast.Assign) and any(getattr(target, "id", None) == "DATASETS" for target in node.targets)
+    ]
+    assert len(assignments) == 1
+    return ast.literal_eval(assignments[0].value)
+
+
+# --- digits -----------------------------------------------------------------------------------------
+
+
+def test_digits_split_sizes_and_types() -> None:
+    data = load_dataset("digits", None, 0.1, 0)
+    assert (len(data.train_labels), len(data.val_labels), len(data.test_labels)) == (1294, 144, 359)
+    assert data.train_images.shape == (1294, 1, 8, 8) and data.image_shape == (1, 8, 8)
+    assert data.num_classes == 10
+    for images, labels in ((data.train_images, data.train_labels), (data.val_images, data.val_labels),
+                           (data.test_images, data.test_labels)):
+        assert images.dtype == torch.float32 and labels.dtype == torch.int64 and len(images) == len(labels)
+
+
+def test_digits_splits_are_disjoint_and_cover_every_image() -> None:
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    index_of = {image.astype(np.float32).tobytes(): index for index, image in enumerate(raw.images)}
+    assert len(index_of) == len(raw.images)
+    data = load_dataset("digits", None, 0.2, 5)
+    found = [
+        {index_of[image[0].tobytes()] for image in _pixels(images, data).astype(np.float32)}
+        for images in (data.train_images, data.val_images, data.test_images)
+    ]
+    train, val, test = found
+    assert not train & val and not train & test and not val & test
+    assert train | val | test == set(range(len(raw.images)))
+    assert sum(map(len, found)) == len(raw.images)
+
+
+def test_digits_splits_are_stratified() -> None:
+    data = load_dataset("digits", None, 0.25, 1)
+    test_counts, val_counts = torch.bincount(data.test_labels), torch.bincount(data.val_labels)
+    rest_counts = val_counts + torch.bincount(data.train_labels)
+    assert (abs(test_counts - 0.2 * (test_counts + rest_counts)) < 1).all()
+    assert (abs(val_counts - 0.25 * rest_counts) < 1).all()
+
+
+def test_split_seed_repeats_exactly_and_moves_only_the_validation_split() -> None:
+    first, again, other = (load_dataset("digits", None, 0.1, seed) for seed in (7, 7, 8))
+    for name in ("train_images", "train_labels", "val_images", "val_labels", "test_images", "test_labels"):
+        assert torch.equal(getattr(first, name), getattr(again, name))
+    assert not torch.equal(first.val_images, other.val_images)
+    assert np.array_equal(_pixels(first.test_images, first), _pixels(other.test_images, other))
+    assert torch.equal(first.test_labels, other.test_labels)
+
+
+def test_training_split_is_normalised_per_channel() -> None:
+    data = load_dataset("digits", None, 0.1, 0)
+    assert abs(data.train_images.mean().item()) < 1e-4
+    assert abs(data.train_images.std(correction=0).item() - 1) < 1e-4
+
+
+def test_val_fraction_zero_gives_empty_validation_tensors() -> None:
+    data = load_dataset("digits", None, 0.0, 0)
+    assert data.val_images.shape == (0, 1, 8, 8) and data.val_labels.shape == (0,)
+    assert len(data.train_labels) == 1797 - 359
+
+
+def test_stratified_holdout_is_a_partition_with_each_class_rounded() -> None:
+    labels = np.repeat(np.arange(5), [3, 10, 17, 40, 1])
+    kept, held = stratified_holdout(labels, 0.3, 11)
+    assert np.array_equal(np.sort(np.concatenate([kept, held])), np.arange(len(labels)))
+    assert len(held) == round(0.3 * len(labels))
+    held_counts = np.bincount(labels[held], minlength=5)
+    exact = 0.3 * np.bincount(labels)
+    assert ((np.floor(exact) <= held_counts) & (held_counts <= np.ceil(exact))).all()
+    assert not np.array_equal(held, stratified_holdout(labels, 0.3, 12)[1])
+
+
+def test_unknown_name_and_bad_fraction_are_refused() -> None:
+    with pytest.raises(KeyError, match="cifar10.*cifar100.*digits") as raised:
+        load_dataset("mnist", None, 0.1, 0)
+    assert "mnist" in str(raised.value)
+    with pytest.raises(ValueError, match="val_fraction"):
+        load_dataset("digits", None, 1.0, 0)
+
+
+# --- CIFAR ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["folder", "archive"])
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_reads_the_official_format(cifar_roots: dict[str, Any], name: str, form: str) -> None:
+    written = cifar_roots["written"][name]
+    data = load_dataset(name, str(cifar_roots[form]), 0.0, 0)
+    assert data.image_shape == (3, 32, 32) and data.num_classes == (10 if name == "cifar10" else 100)
+    assert np.array_equal(_pixels(data.train_images, data), written["train"])
+    assert np.array_equal(_pixels(data.test_images, data), written["test"])
+    assert np.array_equal(data.train_labels.numpy(), written["train_labels"])
+    assert np.array_equal(data.test_labels.numpy(), written["test_labels"])
+    red, green, blue = _pixels(data.test_images[:1], data)[0]
+    assert red[5, 3] == 3 * 8 and green[5, 3] == 5 * 8 and blue[5, 3] == 200
+    assert data.train_images.mean(dim=(0, 2, 3)).abs().max() < 1e-4
+    assert (data.train_images.std(dim=(0, 2, 3), correction=0) - 1).abs().max() < 1e-4
+
+
+def test_cifar_validation_split_comes_from_the_training_files(cifar_roots: dict[str, Any]) -> None:
+    data = load_dataset("cifar10", str(cifar_roots["archive"]), 0.2, 3)
+    assert (len(data.train_labels), len(data.val_labels), len(data.test_labels)) == (80, 20, 20)
+    assert torch.bincount(data.val_labels).tolist() == [2] * 10
+    train_rows = {row.tobytes() for row in cifar_roots["written"]["cifar10"]["train"]}
+    assert all(image.tobytes() in train_rows for image in _pixels(data.val_images, data).astype(np.uint8))
+
+
+def test_data_root_falls_back_to_the_environment(cifar_roots: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KDBENCH_DATA", str(cifar_roots["archive"]))
+    assert len(load_dataset("cifar100", None, 0.0, 0).test_labels) == 20
+
+
+def test_missing_data_names_the_paths_and_the_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(DatasetNotFoundError) as raised:
+        load_dataset("cifar10", str(tmp_path), 0.1, 0)
+    message = str(raised.value)
+    assert str(tmp_path / "cifar-10-batches-py") in message and str(tmp_path / "cifar-10-python.tar.gz") in message
+    assert "KDBENCH_DATA" in message and "data_root" in message and cifar.OFFICIAL_PAGE in message
+    assert "\n" not in message
+    monkeypatch.delenv("KDBENCH_DATA", raising=False)
+    with pytest.raises(DatasetNotFoundError, match="KDBENCH_DATA.*cifar-100-python.tar.gz") as raised:
+        load_dataset("cifar100", None, 0.1, 0)
+    assert "\n" not in str(raised.value)
+
+
+def test_missing_member_of_an_extracted_folder_is_named(cifar_roots: dict[str, Any], tmp_path: Path) -> None:
+    shutil.copytree(cifar_roots["folder"] / "cifar-10-batches-py", tmp_path / "cifar-10-batches-py")
+    (tmp_path / "cifar-10-batches-py" / "data_batch_4").unlink()
+    with pytest.raises(DatasetNotFoundError, match="data_batch_4"):
+        load_dataset("cifar10", str(tmp_path), 0.1, 0)
+
+
+def test_truncated_batch_file_is_named_in_one_line(cifar_roots: dict[str, Any], tmp_path: Path) -> None:
+    shutil.copytree(cifar_roots["folder"] / "cifar-10-batches-py", tmp_path / "cifar-10-batches-py")
+    damaged = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    damaged.write_bytes(damaged.read_bytes()[:5000])
+    with pytest.raises(DatasetCorruptError) as raised:
+        load_dataset("cifar10", str(tmp_path), 0.1, 0)
+    assert str(damaged) in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_truncated_archive_is_named_in_one_line(cifar_roots: dict[str, Any], tmp_path: Path) -> None:
+    archive = tmp_path / "cifar-100-python.tar.gz"
+    archive.write_bytes((cifar_roots["archive"] / archive.name).read_bytes()[:3000])
+    with pytest.raises(DatasetCorruptError) as raised:
+        load_dataset("cifar100", str(tmp_path), 0.1, 0)
+    assert str(archive) in str(raised.value) and "\n" not in str(raised.value)
+
+
+class _MakesAFolderWhenUnpickled:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return os.mkdir, (str(self.path),)
+
+
+def test_a_pickle_that_would_run_code_is_refused(cifar_roots: dict[str, Any], tmp_path: Path) -> None:
+    shutil.copytree(cifar_roots["folder"] / "cifar-100-python", tmp_path / "cifar-100-python")
+    marker = tmp_path / "code-ran"
+    with (tmp_path / "cifar-100-python" / "meta").open("wb") as stream:
+        pickle.dump({b"fine_label_names": _MakesAFolderWhenUnpickled(marker)}, stream, protocol=2)
+    with pytest.raises(DatasetCorruptError, match="meta.*refusing"):
+        load_dataset("cifar100", str(tmp_path), 0.1, 0)
+    assert not marker.exists()
+
+
+# --- augmentation -----------------------------------------------------------------------------------
+
+
+def _distinct_images(count: int, shape: tuple[int, int, int]) -> torch.Tensor:
+    """Every pixel a different positive value, so each crop offset and each flip gives a different image."""
+    return torch.arange(1, 1 + np.prod(shape), dtype=torch.float32).reshape(shape).expand(count, *shape).clone()
+
+
+def _crops(image: torch.Tensor, pad: int, mirrored: bool) -> dict[tuple[int, int], torch.Tensor]:
+    padded = F.pad(image, (pad, pad, pad, pad))
+    height, width = image.shape[1:]
+    crops = {(top, left): padded[:, top:top + height, left:left + width]
+             for top in range(2 * pad + 1) for left in range(2 * pad + 1)}
+    return {offset: crop.flip(-1) if mirrored else crop for offset, crop in crops.items()}
+
+
+def _offsets_matching(output: torch.Tensor, crops: dict[tuple[int, int], torch.Tensor]) -> list[tuple[int, int]]:
+    return [offset for offset, crop in crops.items() if torch.equal(output, crop)]
+
+
+def test_augment_keeps_shape_and_repeats_with_the_same_generator() -> None:
+    images = torch.randn(16, 3, 32, 32)
+    augment = RandomCropFlip(pad=4, flip=True)
+    first = augment(images, torch.Generator().manual_seed(1))
+    assert first.shape == images.shape and first.dtype == images.dtype
+    assert torch.equal(first, augment(images, torch.Generator().manual_seed(1)))
+    assert not torch.equal(first, augment(images, torch.Generator().manual_seed(2)))
+
+
+def test_crop_offsets_vary_per_image_and_stay_within_the_padding() -> None:
+    images = _distinct_images(64, (3, 32, 32))
+    outputs = RandomCropFlip(pad=4, flip=False)(images, torch.Generator().manual_seed(0))
+    crops = _crops(images[0], 4, mirrored=False)
+    offsets = [_offsets_matching(output, crops) for output in outputs]
+    assert all(len(matches) == 1 for matches in offsets)
+    assert len({matches[0] for matches in offsets}) > 20
+
+
+def test_flip_mirrors_about_half_the_images() -> None:
+    images = _distinct_images(64, (3, 32, 32))
+    outputs = RandomCropFlip(pad=0, flip=True)(images, torch.Generator().manual_seed(0))
+    mirrored = [torch.equal(output, images[0].flip(-1)) for output in outputs]
+    assert all(flipped or torch.equal(output, images[0]) for flipped, output in zip(mirrored, outputs))
+    assert 16 <= sum(mirrored) <= 48
+
+
+def test_each_data_set_gets_its_augmentation_and_digits_are_never_mirrored(cifar_roots: dict[str, Any]) -> None:
+    assert load_dataset("cifar10", str(cifar_roots["folder"]), 0.0, 0).augment == RandomCropFlip(pad=4, flip=True)
+    data = load_dataset("digits", None, 0.1, 0)
+    assert data.augment == RandomCropFlip(pad=1, flip=False)
+    images = _distinct_images(200, (1, 8, 8))
+    outputs = data.augment(images, torch.Generator().manual_seed(0))
+    upright = _crops(images[0], 1, mirrored=False)
+    assert all(len(_offsets_matching(output, upright)) == 1 for output in outputs)
+    assert len({_offsets_matching(output, upright)[0] for output in outputs}) == 9
+
+
+# --- declarations -----------------------------------------------------------------------------------
+
+
+def test_datasets_literals_are_readable_without_importing_and_match_the_registry() -> None:
+    declared = {name: entry for module in (digits, cifar) for name, entry in _declared(module).items()}
+    assert sorted(declared) == dataset_names()
+    for module in (digits, cifar):
+        assert _declared(module) == module.DATASETS
+    for entry in declared.values():
+        assert set(entry) == {"num_classes", "image_shape", "needs_root", "summary"}
+    loaded = load_dataset("digits", None, 0.1, 0)
+    assert loaded.num_classes == declared["digits"]["num_classes"]
+    assert list(loaded.image_shape) == declared["digits"]["image_shape"]
+
+
+def test_data_package_init_is_empty() -> None:
+    assert Path(digits.__file__).with_name("__init__.py").read_text().strip() == ""
