@@ -1,0 +1,218 @@
+"""What methods, architectures and data sets exist, read from their source files without importing them.
+
+Each ``distill/*.py`` declares ``METHOD``, each ``models/*.py`` may declare ``ARCHITECTURES`` and
+each ``data/*.py`` may declare ``DATASETS``, all as top-level dict literals. Reading them with
+``ast.literal_eval`` lets the planner validate a sweep in milliseconds and without torch, while the
+runtime registries read the very same literals: one source of truth, and no config can run code.
+"""
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from pipeline.fields import TYPES, Field, FieldError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PRE_STAGE_KINDS = ("pretrain_paraphraser",)
+_NAME = re.compile(r"[A-Za-z0-9_.]+")
+"""Names become parts of stage folder names, where '-' separates the parts and ':' splits a pair."""
+_PARAM_KEYS = ("default", "min", "max", "choices", "tap", "length", "type", "required", "help")
+_METHOD_KEYS = ("name", "summary", "uses_teacher", "params", "pre_stage")
+_TAP_OWNERS = ("teacher", "student")
+
+
+class CatalogueError(ValueError):
+    """A declaration in distill/, models/ or data/ that the planner cannot use; names file and key."""
+
+
+@dataclass(frozen=True)
+class PreStage:
+    """A stage a method needs before its student trains (FT's paraphraser), and the params it reads."""
+
+    kind: str
+    params: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    summary: str
+    uses_teacher: bool
+    params: Mapping[str, Field]
+    pre_stage: PreStage | None
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    depth: int
+    widths: tuple[int, ...]
+    taps: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    num_classes: int
+    image_shape: tuple[int, ...]
+    needs_root: bool
+    summary: str
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    methods: Mapping[str, MethodSpec]
+    architectures: Mapping[str, Architecture]
+    datasets: Mapping[str, DatasetSpec]
+
+
+def load_catalogue(repo_root: Path | str | None = None) -> Catalogue:
+    """The catalogue of the repository at ``repo_root`` (default: the one holding this package)."""
+    root = Path(repo_root) if repo_root is not None else REPO_ROOT
+    methods = {}
+    for path, literal in _literals(root / "distill", "METHOD"):
+        method = _method(path, literal)
+        methods[method.name] = method
+    architectures = {
+        name: _architecture(path, name, entry)
+        for path, name, entry in _entries(root / "models", "ARCHITECTURES")
+    }
+    datasets = {name: _dataset(path, name, entry) for path, name, entry in _entries(root / "data", "DATASETS")}
+    return Catalogue(MappingProxyType(methods), MappingProxyType(architectures), MappingProxyType(datasets))
+
+
+def _literals(folder: Path, variable: str) -> list[tuple[Path, Any]]:
+    """(file, value) for every ``*.py`` in ``folder`` that assigns ``variable`` at top level."""
+    found = []
+    for path in sorted(folder.glob("*.py")):
+        try:
+            tree = ast.parse(path.read_text(), filename=str(path))
+        except SyntaxError as error:
+            raise CatalogueError(f"{path}: line {error.lineno}: syntax error: {error.msg}") from None
+        for node in tree.body:
+            if _assigns(node, variable):
+                try:
+                    found.append((path, ast.literal_eval(node.value)))
+                except ValueError:
+                    raise CatalogueError(f"{path}: {variable}: must be a plain literal (no names or calls)") from None
+    return found
+
+
+def _assigns(node: ast.stmt, variable: str) -> bool:
+    if isinstance(node, ast.Assign):
+        return any(isinstance(target, ast.Name) and target.id == variable for target in node.targets)
+    return isinstance(node, ast.AnnAssign) and node.value is not None and getattr(node.target, "id", None) == variable
+
+
+def _entries(folder: Path, variable: str) -> list[tuple[Path, str, Any]]:
+    """(file, name, entry) for each entry of every ``variable`` dict; a name declared twice is an error."""
+    entries: list[tuple[Path, str, Any]] = []
+    seen: dict[str, Path] = {}
+    for path, literal in _literals(folder, variable):
+        _expect(isinstance(literal, dict), path, variable, "must be a dict of name -> declaration")
+        for name, entry in literal.items():
+            where = f"{variable}[{name!r}]"
+            _expect(isinstance(name, str) and bool(_NAME.fullmatch(name)), path, where, "name must match [A-Za-z0-9_.]+")
+            _expect(name not in seen, path, where, f"also declared in {seen.get(name)}")
+            _expect(isinstance(entry, dict), path, where, "must be a dict")
+            seen[name] = path
+            entries.append((path, name, entry))
+    return entries
+
+
+def _method(path: Path, literal: Any) -> MethodSpec:
+    _expect(isinstance(literal, dict), path, "METHOD", "must be a dict")
+    for key in literal:
+        _expect(key in _METHOD_KEYS, path, f"METHOD.{key}", f"unknown key; allowed: {', '.join(_METHOD_KEYS)}")
+    name = literal.get("name")
+    _expect(name == path.stem, path, "METHOD.name", f"must equal the file name {path.stem!r}")
+    _expect(isinstance(literal.get("uses_teacher"), bool), path, "METHOD.uses_teacher", "must be true or false")
+    summary = literal.get("summary", "")
+    _expect(isinstance(summary, str), path, "METHOD.summary", "must be a string")
+    raw_params = literal.get("params", {})
+    _expect(isinstance(raw_params, dict), path, "METHOD.params", "must be a dict of name -> declaration")
+    for key in raw_params:
+        _expect(isinstance(key, str) and key.isidentifier(), path, f"METHOD.params.{key}", "must be a Python identifier")
+    params = {key: _param(path, f"METHOD.params.{key}", spec) for key, spec in raw_params.items()}
+    return MethodSpec(name, summary, literal["uses_teacher"], MappingProxyType(params), _pre_stage(path, literal, params))
+
+
+def _param(path: Path, where: str, spec: Any) -> Field:
+    _expect(isinstance(spec, dict), path, where, "must be a dict")
+    for key in spec:
+        _expect(key in _PARAM_KEYS, path, f"{where}.{key}", f"unknown key; allowed: {', '.join(_PARAM_KEYS)}")
+    required = spec.get("required", False)
+    _expect(isinstance(required, bool), path, f"{where}.required", "must be true or false")
+    _expect("default" in spec or required, path, where, "needs a default or required: true")
+    _expect(not (required and "default" in spec), path, where, "a required param takes no default")
+    default = spec.get("default")
+    type_name = spec.get("type", None if default is None else type(default).__name__)
+    _expect(type_name in TYPES, path, f"{where}.type", f"must be one of {', '.join(TYPES)} (needed when the default is missing or null)")
+    _expect(spec.get("tap") in (None, *_TAP_OWNERS), path, f"{where}.tap", "must be 'teacher' or 'student'")
+    for limit in ("min", "max"):
+        _expect(isinstance(spec.get(limit, 0), (int, float)), path, f"{where}.{limit}", "must be a number")
+    _expect(isinstance(spec.get("length", 0), int), path, f"{where}.length", "must be an int")
+    choices = spec.get("choices")
+    _expect(choices is None or isinstance(choices, (list, tuple)), path, f"{where}.choices", "must be a list")
+    field = Field(
+        type=type_name,
+        default=default,
+        required=required,
+        min=spec.get("min"),
+        max=spec.get("max"),
+        choices=None if choices is None else tuple(choices),
+        tap=spec.get("tap"),
+        length=spec.get("length"),
+        help=spec.get("help", ""),
+    )
+    if "default" in spec:
+        try:
+            return replace(field, default=field.check(field.default))
+        except FieldError as error:
+            raise CatalogueError(f"{path}: {where}.default: {error.problem}") from None
+    return field
+
+
+def _pre_stage(path: Path, literal: dict, params: Mapping[str, Field]) -> PreStage | None:
+    raw = literal.get("pre_stage")
+    if raw is None:
+        return None
+    _expect(isinstance(raw, dict) and raw.get("kind") in PRE_STAGE_KINDS, path, "METHOD.pre_stage.kind",
+            f"allowed: {', '.join(PRE_STAGE_KINDS)}")
+    names = raw.get("params", [])
+    _expect(isinstance(names, list), path, "METHOD.pre_stage.params", "must be a list of param names")
+    for name in names:
+        _expect(name in params, path, "METHOD.pre_stage.params", f"{name!r} is not one of METHOD.params")
+    _expect(literal["uses_teacher"], path, "METHOD.pre_stage", "a pre-stage reads the teacher, so uses_teacher must be true")
+    return PreStage(raw["kind"], tuple(names))
+
+
+def _architecture(path: Path, name: str, entry: dict) -> Architecture:
+    where = f"ARCHITECTURES[{name!r}]"
+    _expect(isinstance(entry.get("depth"), int), path, f"{where}.depth", "must be an int")
+    _expect(_is_list_of(entry.get("widths"), int), path, f"{where}.widths", "must be a list of ints")
+    _expect(_is_list_of(entry.get("taps"), str), path, f"{where}.taps", "must be a list of tap names")
+    return Architecture(name, entry["depth"], tuple(entry["widths"]), tuple(entry["taps"]))
+
+
+def _dataset(path: Path, name: str, entry: dict) -> DatasetSpec:
+    where = f"DATASETS[{name!r}]"
+    _expect(isinstance(entry.get("num_classes"), int), path, f"{where}.num_classes", "must be an int")
+    _expect(_is_list_of(entry.get("image_shape"), int), path, f"{where}.image_shape", "must be a list of ints")
+    _expect(isinstance(entry.get("needs_root"), bool), path, f"{where}.needs_root", "must be true or false")
+    summary = entry.get("summary", "")
+    _expect(isinstance(summary, str), path, f"{where}.summary", "must be a string")
+    return DatasetSpec(name, entry["num_classes"], tuple(entry["image_shape"]), entry["needs_root"], summary)
+
+
+def _is_list_of(value: Any, item_type: type) -> bool:
+    return isinstance(value, list) and all(isinstance(item, item_type) for item in value)
+
+
+def _expect(condition: bool, path: Path, where: str, problem: str) -> None:
+    if not condition:
+        raise CatalogueError(f"{path}: {where}: {problem}")

@@ -1,0 +1,284 @@
+"""Reading a sweep file and checking all of it before anything is planned or submitted.
+
+A sweep that fails half way through a cluster run costs hours, so every key, type, range, name
+and tap is checked here, against ``pipeline/sweep_schema.py`` and the catalogue read from the
+method, model and data files. The first problem found (in a fixed order: name, data_root, axes,
+defaults, the method checks that need both, resources) becomes one ``SweepError`` line naming the
+file, the key path and, where there is a closed set, the allowed values.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import yaml
+
+from pipeline.catalogue import Catalogue
+from pipeline.fields import Field, FieldError, check_tap, unknown_key
+from pipeline.hashing import canonical_json
+from pipeline.sweep_schema import (
+    DEFAULTS_KEYS,
+    NAMED_AXES,
+    REQUIRED_AXES,
+    RESOURCE_FIELDS,
+    RESOURCE_SECTIONS,
+    SECTIONS,
+    SEED,
+    STAGE_KINDS,
+    TOP_LEVEL_KEYS,
+)
+
+_SWEEP_NAME = re.compile(r"[A-Za-z0-9_-]+")
+_STUDENT_SEED_HINT = "the student's seed is the 'seed' axis, not a student setting"
+
+
+class SweepError(ValueError):
+    """A sweep file that cannot be planned: ``<file>: <key path>: <problem>; allowed: <values>``."""
+
+    def __init__(self, file: str, key: str, problem: str, allowed: Iterable[str] = ()):
+        allowed = tuple(allowed)
+        message = f"{file}: {key}: {problem}" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
+        super().__init__(" ".join(message.split()))
+        self.file = file
+        self.key = key
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A checked sweep with every default filled in.
+
+    ``axes`` keeps the file's order (``seed`` is added last when absent); each value is a tuple of
+    checked values. ``defaults`` holds the sections data, teacher, student, evaluate (complete) and
+    ``methods``: method -> params with the catalogue's defaults under the sweep's values (a required
+    param set only by an axis is absent here). ``resources`` maps each stage kind to its merged
+    request. ``data_root`` is absolute, or None when neither the sweep nor KDBENCH_DATA sets it.
+    """
+
+    name: str
+    path: str
+    data_root: str | None
+    axes: Mapping[str, tuple[Any, ...]]
+    defaults: Mapping[str, Mapping[str, Any]]
+    resources: Mapping[str, Mapping[str, Any]]
+
+
+def load_sweep(path: str | os.PathLike, catalogue: Catalogue) -> Sweep:
+    """Reads and checks the sweep file at ``path``; raises SweepError on the first problem."""
+    file = str(path)
+    try:
+        text = Path(file).read_text()
+    except OSError as error:
+        raise SweepError(file, "(file)", f"cannot read it: {error.strerror}") from None
+    try:
+        document = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f"line {mark.line + 1} column {mark.column + 1}" if mark else "(file)"
+        raise SweepError(file, where, f"YAML syntax error: {error.problem or error.context}") from None
+    except yaml.YAMLError as error:
+        raise SweepError(file, "(file)", f"YAML error: {error}") from None
+    return check_sweep(document, file, catalogue)
+
+
+def check_sweep(document: Any, file: str, catalogue: Catalogue) -> Sweep:
+    """Checks an already parsed sweep document; ``file`` is only used to name it in errors."""
+    return _SweepChecker(file, catalogue).check(document)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping instead of keeping the last one."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: list[Any] = []
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.append(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+class _SweepChecker:
+    """Checks one document; holds the file name and catalogue so each check reads as one line."""
+
+    def __init__(self, file: str, catalogue: Catalogue):
+        self.file = file
+        self.catalogue = catalogue
+
+    def check(self, document: Any) -> Sweep:
+        top = self._mapping("(top level)", document, required=True)
+        self._known_keys("", top, TOP_LEVEL_KEYS)
+        name = top.get("name")
+        if name is None:
+            raise self._error("name", "missing; every sweep has a name ([A-Za-z0-9_-]+)")
+        if not isinstance(name, str) or not _SWEEP_NAME.fullmatch(name):
+            raise self._error("name", f"{name!r} must match [A-Za-z0-9_-]+")
+        data_root = self._data_root(top.get("data_root"))
+        axes = self._axes(top.get("axes"))
+        defaults = self._defaults(top.get("defaults"))
+        self._check_used_methods(axes, defaults)
+        resources = self._resources(top.get("resources"))
+        return Sweep(name, self.file, data_root, axes, defaults, resources)
+
+    def _error(self, key: str, problem: str, allowed: Iterable[Any] = ()) -> SweepError:
+        return SweepError(self.file, key, problem, (str(value) for value in allowed))
+
+    def _value(self, key: str, field: Field, value: Any) -> Any:
+        try:
+            return field.check(value)
+        except FieldError as error:
+            raise self._error(key, error.problem, error.allowed) from None
+
+    def _mapping(self, key: str, value: Any, required: bool = False) -> dict:
+        if value is None and not required:
+            return {}
+        if not isinstance(value, dict):
+            raise self._error(key, f"must be a mapping, got {type(value).__name__}")
+        return value
+
+    def _known_keys(self, prefix: str, mapping: dict, allowed: Iterable[str], what: str = "key") -> None:
+        allowed = list(allowed)
+        for key in mapping:
+            if key not in allowed:
+                path = f"{prefix}.{key}" if prefix else str(key)
+                if path == "defaults.student.seed":
+                    raise self._error(path, _STUDENT_SEED_HINT)
+                error = unknown_key(key, allowed, what)
+                raise self._error(path, error.problem, error.allowed)
+
+    def _data_root(self, value: Any) -> str | None:
+        """The sweep's data_root (relative to the sweep file), else KDBENCH_DATA (relative to the working folder)."""
+        if value is None:
+            from_environment = os.environ.get("KDBENCH_DATA")
+            return os.path.abspath(os.path.expanduser(from_environment)) if from_environment else None
+        if not isinstance(value, str) or not value:
+            raise self._error("data_root", f"must be a folder path or null, got {value!r}")
+        return os.path.abspath(os.path.join(os.path.dirname(self.file), os.path.expanduser(value)))
+
+    def _axes(self, value: Any) -> dict[str, tuple[Any, ...]]:
+        raw = self._mapping("axes", value, required=True)
+        for key in REQUIRED_AXES:
+            if key not in raw:
+                raise self._error(f"axes.{key}", "missing; every sweep sets this axis")
+        axes = {}
+        for key, values in raw.items():
+            check = self._axis_check(str(key))
+            if not isinstance(values, list) or not values:
+                raise self._error(f"axes.{key}", f"must be a non-empty list, got {values!r}")
+            checked = tuple(check(f"axes.{key}[{index}]", item) for index, item in enumerate(values))
+            seen = set()
+            for index, item in enumerate(checked):
+                if canonical_json(item) in seen:
+                    raise self._error(f"axes.{key}[{index}]", f"{values[index]!r} is listed twice")
+                seen.add(canonical_json(item))
+            axes[str(key)] = checked
+        axes.setdefault("seed", (SEED.default,))
+        return axes
+
+    def _axis_check(self, key: str) -> Callable[[str, Any], Any]:
+        """The function that checks one value of axis ``key``; an unknown key is an error."""
+        named = {"dataset": self._dataset, "pair": self._pair, "method": self._method_name}
+        if key in named:
+            return named[key]
+        field = self._dotted_fields().get(key, SEED if key == "seed" else None)
+        if field is None:
+            if key == "student.seed":
+                raise self._error(f"axes.{key}", _STUDENT_SEED_HINT)
+            error = unknown_key(key, [*NAMED_AXES, *self._dotted_fields()], "axis")
+            raise self._error(f"axes.{key}", error.problem, error.allowed)
+        return lambda where, item: self._value(where, field, item)
+
+    def _dotted_fields(self) -> dict[str, Field]:
+        fields = {f"{section}.{key}": field for section, keys in SECTIONS.items() for key, field in keys.items()}
+        for method in self.catalogue.methods.values():
+            fields.update({f"methods.{method.name}.{key}": field for key, field in method.params.items()})
+        return fields
+
+    def _dataset(self, where: str, value: Any) -> str:
+        return self._catalogue_name(where, value, self.catalogue.datasets, "dataset")
+
+    def _method_name(self, where: str, value: Any) -> str:
+        return self._catalogue_name(where, value, self.catalogue.methods, "method")
+
+    def _pair(self, where: str, value: Any) -> str:
+        if not isinstance(value, str) or value.count(":") != 1:
+            raise self._error(where, f"{value!r} must be 'teacher:student', e.g. 'resnet32x4:resnet8x4'")
+        teacher, student = value.split(":")
+        self._catalogue_name(where, teacher, self.catalogue.architectures, "teacher architecture")
+        self._catalogue_name(where, student, self.catalogue.architectures, "student architecture")
+        return value
+
+    def _catalogue_name(self, where: str, value: Any, known: Mapping[str, Any], what: str) -> str:
+        if not isinstance(value, str) or value not in known:
+            error = unknown_key(value, sorted(known), what)
+            raise self._error(where, error.problem, error.allowed)
+        return value
+
+    def _defaults(self, value: Any) -> dict[str, dict[str, Any]]:
+        raw = self._mapping("defaults", value)
+        self._known_keys("defaults", raw, DEFAULTS_KEYS)
+        defaults = {
+            section: self._settings(f"defaults.{section}", raw.get(section), fields)
+            for section, fields in SECTIONS.items()
+        }
+        methods = self._mapping("defaults.methods", raw.get("methods"))
+        self._known_keys("defaults.methods", methods, sorted(self.catalogue.methods), "method")
+        defaults["methods"] = {
+            name: self._settings(f"defaults.methods.{name}", methods.get(name), method.params, f"{name} param")
+            for name, method in self.catalogue.methods.items()
+        }
+        return defaults
+
+    def _settings(self, where: str, value: Any, fields: Mapping[str, Field], what: str = "key") -> dict[str, Any]:
+        """The checked values given under ``where``, over the fields' defaults (required ones stay unset)."""
+        given = self._mapping(where, value)
+        self._known_keys(where, given, fields, what)
+        checked = {key: self._value(f"{where}.{key}", fields[key], item) for key, item in given.items()}
+        return {key: checked.get(key, field.default) for key, field in fields.items() if key in checked or not field.required}
+
+    def _check_used_methods(self, axes: Mapping[str, tuple], defaults: Mapping[str, Mapping[str, Any]]) -> None:
+        """Required params are set, and tap params name taps of every pair's models, for each method run."""
+        pairs = [pair.split(":") for pair in axes["pair"]]
+        for name in axes["method"]:
+            for key, field in self.catalogue.methods[name].params.items():
+                axis = f"methods.{name}.{key}"
+                if axis in axes:
+                    values = [(f"axes.{axis}[{index}]", item) for index, item in enumerate(axes[axis])]
+                elif key in defaults["methods"][name]:
+                    values = [(f"defaults.{axis}", defaults["methods"][name][key])]
+                else:
+                    raise self._error(f"defaults.{axis}", f"required by method {name} and not set; set it here or as axis {axis}")
+                if field.tap is None:
+                    continue
+                for where, item in values:
+                    for teacher, student in pairs:
+                        arch = teacher if field.tap == "teacher" else student
+                        self._tap(where, field, item, arch)
+
+    def _tap(self, where: str, field: Field, value: Any, arch: str) -> None:
+        if value is None:
+            return
+        try:
+            check_tap(field, value, self.catalogue.architectures[arch].taps, arch)
+        except FieldError as error:
+            raise self._error(where, error.problem, error.allowed) from None
+
+    def _resources(self, value: Any) -> dict[str, dict[str, Any]]:
+        raw = self._mapping("resources", value)
+        self._known_keys("resources", raw, RESOURCE_SECTIONS, "stage kind")
+        given = {}
+        for kind, request in raw.items():
+            where = f"resources.{kind}"
+            request = self._mapping(where, request)
+            self._known_keys(where, request, RESOURCE_FIELDS)
+            given[kind] = {key: self._value(f"{where}.{key}", RESOURCE_FIELDS[key], item) for key, item in request.items()}
+        built_in = {key: field.default for key, field in RESOURCE_FIELDS.items() if field.default is not None}
+        merged = {kind: {**built_in, **given.get("default", {}), **given.get(kind, {})} for kind in STAGE_KINDS}
+        return {kind: {key: item for key, item in request.items() if item is not None} for kind, request in merged.items()}

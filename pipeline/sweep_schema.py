@@ -1,0 +1,62 @@
+"""Every key a sweep file may set outside method params, with its type, limits and built-in default.
+
+The defaults make a sweep of a name and three axes complete; they follow the CIFAR distillation
+benchmarks (SGD, lr 0.05, batch 64, weight decay 5e-4). ``RUNTIME_KEYS`` say where a job runs,
+not what it computes, so they are kept out of stage hashes: moving a run from CPU to GPU must not
+retrain anything.
+"""
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Mapping
+
+from pipeline.fields import Field
+
+STAGE_KINDS = ("train_teacher", "pretrain_paraphraser", "train_student", "evaluate")
+TOP_LEVEL_KEYS = ("name", "data_root", "axes", "defaults", "resources")
+NAMED_AXES = ("dataset", "pair", "method", "seed")
+REQUIRED_AXES = ("dataset", "pair", "method")
+RUNTIME_KEYS = ("device", "amp")
+DEVICES = ("auto", "cpu", "cuda")
+
+SEED = Field("int", 0, min=0)
+
+_TRAINING = {
+    "epochs": Field("int", 240, min=1),
+    "batch_size": Field("int", 64, min=1),
+    "lr": Field("float", 0.05, min=0.0),
+    "momentum": Field("float", 0.9, min=0.0, max=1.0),
+    "weight_decay": Field("float", 5e-4, min=0.0),
+    "lr_schedule": Field("str", "step", choices=("cosine", "step", "constant")),
+    "label_smoothing": Field("float", 0.0, min=0.0, max=1.0),
+    "augment": Field("bool", True),
+    "device": Field("str", "auto", choices=DEVICES),
+    "amp": Field("bool", False),
+}
+
+SECTIONS: Mapping[str, Mapping[str, Field]] = MappingProxyType({
+    "data": {"val_fraction": Field("float", 0.1, min=0.0, max=0.9), "split_seed": Field("int", 0, min=0)},
+    "teacher": {**_TRAINING, "seed": SEED},
+    "student": _TRAINING,
+    "evaluate": {"batch_size": Field("int", 256, min=1), "device": Field("str", "auto", choices=DEVICES)},
+})
+"""Sections of ``defaults`` besides ``methods``; the student's seed is the ``seed`` axis."""
+
+DEFAULTS_KEYS = (*SECTIONS, "methods")
+
+RESOURCE_FIELDS: Mapping[str, Field] = MappingProxyType({
+    "time_min": Field("int", 60, min=1),
+    "cpus": Field("int", 2, min=1),
+    "gpus": Field("int", 0, min=0),
+    "mem_gb": Field("float", 4.0, min=0.0),
+    "partition": Field("str"),
+    "account": Field("str"),
+    "qos": Field("str"),
+    "constraint": Field("str"),
+    "extra_sbatch": Field("list", item_type="str"),
+    "queue": Field("str"),
+    "pbs_dialect": Field("str", choices=("pro", "torque")),
+})
+"""Scheduler requests. Keys without a default are optional; null removes one set under ``default``."""
+
+RESOURCE_SECTIONS = ("default", *STAGE_KINDS)
