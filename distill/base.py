@@ -30,6 +30,8 @@ class ModelOutput:
 
 @dataclass(frozen=True)
 class Batch:
+    """One training batch as the loop feeds it: images (N, C, H, W) and integer class labels (N,)."""
+
     images: torch.Tensor
     labels: torch.Tensor
 
@@ -77,10 +79,14 @@ class Method(nn.Module):
 
     @property
     def student_taps(self) -> tuple[str, ...]:
+        """Student feature taps this method reads; their graphs stay attached so the loss trains them."""
         return ()
 
     def loss(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch) -> dict[str, torch.Tensor]:
-        """Named scalar loss terms; the training loop sums them and logs each one."""
+        """Named scalar loss terms, each already multiplied by its weight: the training loop sums them
+        as they are and logs each one, so a logged term is exactly what it added to the loss.
+        ``teacher`` is None for methods whose METHOD says ``uses_teacher: False``; otherwise it was
+        computed under no_grad."""
         raise NotImplementedError
 
 

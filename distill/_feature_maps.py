@@ -1,0 +1,25 @@
+"""Shape checks shared by the methods that compare feature maps (FT, Tucker).
+
+The planner already knows each tap name is valid; what it cannot know without building the models
+is whether the tap is a (C, H, W) map, and pooled taps such as "pool" are (D,). The leading
+underscore keeps this file out of the method registry.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from distill.base import MethodConfigError, MethodContext
+
+
+def feature_map_shape(context: MethodContext, params: Mapping[str, Any], key: str) -> tuple[int, int, int]:
+    """The per-sample (C, H, W) of the tap named by ``params[key]`` ("teacher_tap" or "student_tap")."""
+    side = key.split("_", 1)[0]
+    shapes = context.teacher_tap_shapes if side == "teacher" else context.student_tap_shapes
+    tap = params[key]
+    if tap not in shapes:
+        raise MethodConfigError(key, f"the {side} has no tap {tap!r}; it has {', '.join(sorted(shapes))}")
+    shape = tuple(shapes[tap])
+    if len(shape) != 3:
+        raise MethodConfigError(key, f"the {side} tap {tap!r} has shape {shape}; this method needs a (C, H, W) feature map")
+    channels, height, width = shape
+    return channels, height, width
