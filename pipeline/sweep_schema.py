@@ -36,8 +36,10 @@ _TRAINING = {
 
 SECTIONS: Mapping[str, Mapping[str, Field]] = MappingProxyType({
     "data": {"val_fraction": Field("float", 0.1, min=0.0, max=0.9), "split_seed": Field("int", 0, min=0)},
+    # The student's label smoothing belongs to its method (vanilla's label_smoothing param), so
+    # that KD's cross-entropy term keeps its published, unsmoothed form.
     "teacher": {**_TRAINING, "seed": SEED},
-    "student": _TRAINING,
+    "student": {key: field for key, field in _TRAINING.items() if key != "label_smoothing"},
     "evaluate": {"batch_size": Field("int", 256, min=1), "device": Field("str", "auto", choices=DEVICES)},
 })
 """Sections of ``defaults`` besides ``methods``; the student's seed is the ``seed`` axis."""
