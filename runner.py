@@ -1,0 +1,230 @@
+#!/usr/bin/env python3
+"""kdbench command line: plan, run and read knowledge-distillation sweeps.
+
+Only parsing, calling and printing live here; the work is in pipeline/ (plan, backends, read side)
+and stages/ (what a job runs). Commands that only read files never import torch.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent
+sys.path.insert(0, str(REPO))
+
+from data.errors import DatasetError  # noqa: E402
+from pipeline.catalogue import CatalogueError  # noqa: E402
+from pipeline.logfiles import LogError  # noqa: E402
+from pipeline.manifest import SubmitLockedError, submit_lock  # noqa: E402
+from pipeline.plan import Plan, StageSpec, build_plan  # noqa: E402
+from pipeline.store import CorruptFileError, StageFolders, read_json  # noqa: E402
+from pipeline.sweep import SweepError  # noqa: E402
+
+DEMO_SWEEP = REPO / "configs" / "demo.yaml"
+
+
+def output_root(args: argparse.Namespace) -> Path:
+    return Path(args.root or os.environ.get("KDBENCH_ROOT") or REPO).resolve()
+
+
+def command_plan(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    plan = build_plan(Path(args.sweep))
+    print(plan.format())
+    kinds = {}
+    for spec in plan.stages.values():
+        kinds[spec.kind] = kinds.get(spec.kind, 0) + 1
+    summary = ", ".join(f"{count} {kind}" for kind, count in kinds.items())
+    print(f"{len(plan.experiments)} experiments -> {len(plan.stages)} stages ({summary}); planned in {time.perf_counter() - started:.3f} s")
+    return 0
+
+
+def run_local(plan: Plan, root: Path, max_parallel: int | None) -> bool:
+    from pipeline.backends.local import LocalBackend
+    from stages import run_stage
+
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    cpus = max(int(spec.resources.get("cpus", 1)) for spec in plan.stages.values())
+    parallel = max_parallel or max(1, (os.cpu_count() or 1) // cpus)
+    jobs_dir = root / "jobs" / plan.sweep_name
+    with submit_lock(jobs_dir):
+        print(f"running {len(plan.stages)} stages of sweep {plan.sweep_name!r} locally, {parallel} at a time; job logs in {jobs_dir}")
+        outcomes = LocalBackend(root, jobs_dir, run_stage, parallel).run(plan)
+    failed = [outcome for outcome in outcomes if outcome.state in ("failed", "blocked")]
+    for outcome in failed:
+        print(f"{outcome.state}: {outcome.name}: {outcome.error}", file=sys.stderr)
+    return not failed
+
+
+def command_submit(args: argparse.Namespace) -> int:
+    plan = build_plan(Path(args.sweep))
+    return 0 if run_local(plan, output_root(args), args.max_parallel) else 1
+
+
+def find_stage(identifier: str, root: Path, sweep: str | None) -> StageSpec:
+    """A stage spec from a logs folder's config.json, or by (unique prefix of) name from a sweep's plan."""
+    folder = Path(identifier)
+    if (folder / "config.json").is_file():
+        return StageSpec.from_dict(read_json(folder / "config.json"))
+    if (root / "logs" / identifier / "config.json").is_file():
+        return StageSpec.from_dict(read_json(root / "logs" / identifier / "config.json"))
+    if sweep is None:
+        raise SystemExit(f"stage {identifier!r}: no logs/{identifier}/config.json under {root}; pass --sweep SWEEP to find it in a plan")
+    stages = build_plan(Path(sweep)).stages
+    matches = [spec for name, spec in stages.items() if name == identifier or name.startswith(identifier) or spec.hash.startswith(identifier)]
+    if len(matches) != 1:
+        found = ", ".join(spec.name for spec in matches[:5]) or "none"
+        raise SystemExit(f"{sweep}: stage {identifier!r} matches {len(matches)} stages ({found}); give a longer name")
+    return matches[0]
+
+
+def command_stage(args: argparse.Namespace) -> int:
+    from stages import run_stage
+
+    root = output_root(args)
+    spec = find_stage(args.stage, root, args.sweep)
+    run_stage(spec, root)
+    print(f"done: {root / 'logs' / spec.name}")
+    return 0
+
+
+def command_logs(args: argparse.Namespace) -> int:
+    from pipeline.logfiles import format_log, read_log
+
+    for folder in args.folders:
+        print(format_log(read_log(Path(folder))))
+        print()
+    return 0
+
+
+def command_plot(args: argparse.Namespace) -> int:
+    from pipeline.logfiles import read_log
+    from pipeline.plots import write_plots
+
+    for folder in args.folders:
+        folder = Path(folder)
+        log_folder = folder.parent if folder.is_file() else folder
+        for written in write_plots(read_log(folder), log_folder):
+            print(written)
+    return 0
+
+
+STANDARD_AXES = ("dataset", "pair", "method", "seed")
+
+
+def method_label(experiment) -> str:
+    """The method name plus any extra axis values, so rows that differ by a hyper-parameter stay apart."""
+    extra = [f"{key}={value}" for key, value in experiment.axis_values.items() if key not in STANDARD_AXES]
+    return " ".join([experiment.method, *extra])
+
+
+def report_rows(plan: Plan, root: Path) -> list[dict]:
+    """One row per experiment (student) and per teacher of each pair, with its result.json if DONE."""
+    rows, seen_teachers = [], set()
+    for experiment in plan.experiments:
+        base = {"dataset": experiment.dataset, "teacher": experiment.teacher, "student": experiment.student}
+        if (experiment.teacher_evaluate_stage, experiment.student) not in seen_teachers:
+            seen_teachers.add((experiment.teacher_evaluate_stage, experiment.student))
+            rows.append(dict(base, method="teacher", seed=0, role="teacher", **stage_result(root, experiment.teacher_evaluate_stage)))
+        rows.append(dict(base, method=method_label(experiment), seed=experiment.seed, role="student",
+                         **stage_result(root, experiment.evaluate_stage)))
+    return rows
+
+
+def stage_result(root: Path, evaluate_stage: str) -> dict:
+    folders = StageFolders(root, evaluate_stage)
+    return read_json(folders.result) if folders.is_done() else {}
+
+
+def command_report(args: argparse.Namespace) -> int:
+    from pipeline.report import aggregate, to_markdown, write_report
+
+    root = output_root(args)
+    plan = build_plan(Path(args.sweep))
+    table = aggregate(report_rows(plan, root))
+    out = Path(args.out) if args.out else root / "logs" / f"report-{plan.sweep_name}"
+    written = write_report(table, out)
+    print(to_markdown(table))
+    print("written: " + ", ".join(str(path) for path in written))
+    return 0
+
+
+def command_demo(args: argparse.Namespace) -> int:
+    args.sweep, args.out = str(DEMO_SWEEP), None
+    started = time.perf_counter()
+    if not run_local(build_plan(DEMO_SWEEP), output_root(args), args.max_parallel):
+        return 1
+    print(f"demo sweep finished in {time.perf_counter() - started:.0f} s\n")
+    return command_report(args)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="runner.py", description=__doc__.splitlines()[0])
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler, help_text: str, example: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=f"{help_text}\n\nexample: {example}",
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    def with_root(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--root", help="folder holding logs/, weights/, jobs/ (default: $KDBENCH_ROOT or the repository)")
+
+    sub = command("plan", command_plan, "validate a sweep file and print its stage graph", "python runner.py plan configs/demo.yaml")
+    sub.add_argument("sweep", help="sweep YAML file")
+
+    sub = command("submit", command_submit, "run a sweep's stages in dependency order (DONE stages are skipped)",
+                  "python runner.py submit configs/demo.yaml --backend local")
+    sub.add_argument("sweep", help="sweep YAML file")
+    sub.add_argument("--backend", choices=["local"], default="local", help="where stages run (default: local)")
+    sub.add_argument("--max-parallel", type=int, help="local backend: stages at once (default: cores / cpus per stage)")
+    with_root(sub)
+
+    sub = command("stage", command_stage, "run one stage in this process (for debugging); resumes from its checkpoint",
+                  "python runner.py stage logs/train_teacher-digits-resnet32x4-1a2b3c4d")
+    sub.add_argument("stage", help="stage folder (logs/NAME), stage name, or name/hash prefix with --sweep")
+    sub.add_argument("--sweep", help="sweep YAML to find the stage in, when it has not run before")
+    with_root(sub)
+
+    sub = command("logs", command_logs, "print pickled stage logs as per-epoch tables and a summary", "python runner.py logs logs/train_student-*")
+    sub.add_argument("folders", nargs="+", help="stage folders in logs/ (or log.pkl files)")
+
+    sub = command("plot", command_plot, "regenerate Loss.png / Accuracy.png from log.pkl alone", "python runner.py plot logs/train_teacher-*")
+    sub.add_argument("folders", nargs="+", help="stage folders in logs/ (or log.pkl files)")
+
+    sub = command("report", command_report, "mean ± std over seeds per dataset, pair and method (Markdown, CSV, bar chart)",
+                  "python runner.py report configs/demo.yaml")
+    sub.add_argument("sweep", help="sweep YAML file")
+    sub.add_argument("--out", help="folder for report.md/.csv/.png (default: logs/report-<sweep name>)")
+    with_root(sub)
+
+    sub = command("demo", command_demo, "run the bundled demo sweep (configs/demo.yaml) and print its report", "python runner.py demo")
+    sub.add_argument("--max-parallel", type=int, help="stages at once (default: cores / cpus per stage)")
+    with_root(sub)
+    return top
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors whose one-line message is all a user needs. StageError is only looked up once its
+    module (which imports torch) is loaded, so read commands stay free of torch."""
+    errors: list[type[Exception]] = [SweepError, CatalogueError, SubmitLockedError, CorruptFileError, LogError, DatasetError]
+    if "stages.files" in sys.modules:
+        errors.append(sys.modules["stages.files"].StageError)
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except user_errors() as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Stage 4: score a trained model on the test split, at its last epoch and its best-on-validation epoch.
+
+The best epoch was chosen by the training stage on the held-out validation split only; the test
+split is read here for reporting, never for choosing. Agreement is the share of test images on
+which the model predicts the same class as the reference teacher.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from models.registry import parameter_count
+from pipeline.plan import StageSpec
+from pipeline.logfiles import read_log
+from pipeline.store import write_json
+from stages.files import begin_stage, run_record, select_device, upstream_folders, write_stage_log
+from stages.loading import load_classifier, load_stage_data
+from stages.training import accuracy, predict
+
+
+def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    k = min(k, logits.shape[1])
+    hits = (logits.topk(k, dim=1).indices == labels.unsqueeze(1)).any(dim=1)
+    return 100.0 * hits.float().mean().item()
+
+
+def scores(logits: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor | None) -> dict[str, Any]:
+    return {
+        "top1": accuracy(logits, labels),
+        "top5": top_k_accuracy(logits, labels, 5),
+        "test_loss": F.cross_entropy(logits, labels).item(),
+        "agreement": None if reference is None else 100.0 * (logits.argmax(1) == reference.argmax(1)).float().mean().item(),
+    }
+
+
+def run(spec: StageSpec, root: Path) -> None:
+    upstream = upstream_folders(spec, root)
+    folders = begin_stage(spec, root)
+    device = select_device(spec.runtime.get("device", "auto"))
+    data = load_stage_data(spec)
+    batch_size = int(spec.settings["batch_size"])
+    model_folders = upstream["model"]
+    trained = load_classifier(model_folders.final_weights, device)
+    reference = None
+    if "teacher" in upstream:
+        teacher = load_classifier(upstream["teacher"].final_weights, device).model
+        reference = predict(teacher, data.test_images, batch_size, device)
+
+    last = scores(predict(trained.model, data.test_images, batch_size, device), data.test_labels, reference)
+    best_epoch = read_log(model_folders.logs).get("best_epoch")
+    if model_folders.best_weights.is_file():
+        best_model = load_classifier(model_folders.best_weights, device).model
+        best = scores(predict(best_model, data.test_images, batch_size, device), data.test_labels, reference)
+    else:
+        best = last
+    result = {
+        "model_stage": model_folders.name,
+        "arch": trained.arch,
+        "best_epoch": best_epoch,
+        "parameters": parameter_count(trained.model),
+        "test_images": len(data.test_labels),
+        "teacher_top1": None if reference is None else accuracy(reference, data.test_labels),
+        **{f"{name}_last": value for name, value in last.items()},
+        **{f"{name}_best_val": value for name, value in best.items()},
+    }
+    write_json(folders.result, result)
+    log = dict(run_record(spec, device, seed=None), epochs=[], best_epoch=best_epoch, status="done", result=result)
+    write_stage_log(folders, log, plots=False)
+    folders.mark_done()

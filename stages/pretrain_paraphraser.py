@@ -1,0 +1,64 @@
+"""Stage 2 (Factor Transfer only): train the paraphraser as an autoencoder of one teacher feature map.
+
+The teacher is frozen; only the paraphraser learns, with the method's own reconstruction loss.
+Students of every FT run that shares this teacher and these paraphraser settings read the
+result from ``weights/<this stage>/final.pt``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from distill import ft
+from models.registry import tap_shapes
+from models.taps import FeatureTaps
+from pipeline.plan import StageSpec
+from stages.files import begin_stage, finish_stage, run_record, select_device, upstream_folders, use_amp
+from stages.loading import load_classifier, load_stage_data
+from stages.training import EpochLoop, TrainingSettings
+
+# Optimiser settings the paraphraser shares with CIFAR training; its epochs, learning rate and
+# batch size are FT params (they are in the stage hash), these are not meant to be swept.
+PARAPHRASER_TRAINING = {"momentum": 0.9, "weight_decay": 5e-4, "lr_schedule": "cosine", "augment": True}
+PARAPHRASER_SEED = 0
+
+
+def run(spec: StageSpec, root: Path) -> None:
+    upstream = upstream_folders(spec, root)
+    folders = begin_stage(spec, root)
+    params = spec.settings["method"]["params"]
+    settings = TrainingSettings.from_settings(
+        {**PARAPHRASER_TRAINING, "epochs": params["paraphraser_epochs"], "lr": params["paraphraser_lr"],
+         "batch_size": params["paraphraser_batch_size"]},
+        seed=PARAPHRASER_SEED,
+    )
+    device = select_device(spec.runtime.get("device", "auto"))
+    data = load_stage_data(spec)
+    teacher = load_classifier(upstream["teacher"].final_weights, device)
+    tap = params["teacher_tap"]
+    tap_shape = tap_shapes(teacher.arch, tuple(data.image_shape), data.num_classes)[tap]
+    torch.manual_seed(PARAPHRASER_SEED)
+    paraphraser = ft.build_paraphraser(tap_shape, params).to(device)
+    teacher_taps = FeatureTaps(teacher.model, [tap])
+
+    def compute_terms(images: torch.Tensor, labels: torch.Tensor) -> tuple[dict[str, torch.Tensor], None]:
+        with torch.no_grad():
+            features = teacher_taps(images)[1][tap]
+        reconstruction = paraphraser(features)
+        return {"reconstruction": ft.reconstruction_loss(reconstruction, features, params["recon_loss"])}, None
+
+    log = EpochLoop(
+        folders=folders,
+        record=run_record(spec, device, PARAPHRASER_SEED),
+        modules=nn.ModuleDict({"paraphraser": paraphraser}),
+        compute_terms=compute_terms,
+        data=data,
+        settings=settings,
+        device=device,
+        classifier=None,
+        saved_state=lambda: {"paraphraser": paraphraser.state_dict(), "teacher_tap": tap, "tap_shape": tap_shape},
+        amp=use_amp(spec, device),
+    ).run()
+    finish_stage(folders, log)
