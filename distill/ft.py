@@ -39,6 +39,7 @@ METHOD = {
         "paraphraser_batch_size": {"default": 64, "min": 1, "help": "batch size of the paraphraser pre-stage"},
         "p": {"default": 1, "choices": [1, 2], "help": "norm of the factor difference (the paper uses 1)"},
         "beta": {"default": 500.0, "min": 0.0, "help": "FT term = beta / 2 x per-entry p-norm distance of the normalised factors"},
+        "per_entry": {"default": True, "help": "divide the p-norm by D^(1/p), the scale beta=500 was set for; false: the plain norm"},
         "ce_weight": {"default": 1.0, "min": 0.0, "help": "weight of the cross-entropy on labels"},
     },
     "pre_stage": {
@@ -117,7 +118,7 @@ def reconstruction_loss(reconstruction: torch.Tensor, features: torch.Tensor, ki
     raise ValueError(f"recon_loss must be 'l1' or 'l2', got {kind!r}")
 
 
-def factor_distance(student_factor: torch.Tensor, teacher_factor: torch.Tensor, p: int) -> torch.Tensor:
+def factor_distance(student_factor: torch.Tensor, teacher_factor: torch.Tensor, p: int, per_entry: bool = True) -> torch.Tensor:
     """|| F_T/||F_T||_2 - F_S/||F_S||_2 ||_p / D^(1/p) per sample (factors flattened to D entries),
     averaged over the batch.
 
@@ -126,12 +127,14 @@ def factor_distance(student_factor: torch.Tensor, teacher_factor: torch.Tensor, 
     absolute difference that the authors' released code computes, which is the scale their
     beta = 500 belongs to: with the plain norm, a resnet32x4 layer3 factor (D = 512) puts the FT
     term near 5,000 at initialisation, and the student's cross-entropy diverged in a trial run.
+    ``per_entry=False`` gives the equation's plain p-norm, for a beta chosen for it.
     """
     # In float32 even under autocast: half precision would round beta x a small distance too coarsely.
     student_unit = F.normalize(student_factor.flatten(1).float(), p=2, dim=1)
     teacher_unit = F.normalize(teacher_factor.flatten(1).float(), p=2, dim=1)
     norms = torch.linalg.vector_norm(teacher_unit - student_unit, ord=p, dim=1)
-    return norms.mean() / student_unit.shape[1] ** (1 / p)
+    scale = student_unit.shape[1] ** (1 / p) if per_entry else 1.0
+    return norms.mean() / scale
 
 
 @register_method
@@ -185,7 +188,7 @@ class FT(Method):
         with torch.no_grad():
             teacher_factor = self.paraphraser.encode(teacher.features[self.params["teacher_tap"]])
         student_factor = self.translator(student.features[self.params["student_tap"]])
-        distance = factor_distance(student_factor, teacher_factor, self.params["p"])
+        distance = factor_distance(student_factor, teacher_factor, self.params["p"], self.params["per_entry"])
         return {
             "ce": self.params["ce_weight"] * F.cross_entropy(student.logits, batch.labels),
             "ft": self.params["beta"] / 2 * distance,

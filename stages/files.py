@@ -78,7 +78,7 @@ def run_record(spec: StageSpec, device: torch.device, seed: int | None) -> dict[
         "upstream": dict(spec.upstream),
         "environment": {
             "python": platform.python_version(),
-            "torch": torch.__version__,
+            "torch": str(torch.__version__),  # a TorchVersion would make unpickling the log import torch
             "tensorly": tensorly.__version__,
             "numpy": numpy.__version__,
             "device": str(device) if device.type != "cuda" else f"cuda ({torch.cuda.get_device_name(device)})",

@@ -97,6 +97,9 @@ def test_factor_distance_normalises_each_sample_then_takes_the_per_entry_p_norm(
     teacher = torch.tensor([[0.0, 2.0], [0.0, 5.0]]).reshape(2, 2, 1, 1)
     assert factor_distance(student, teacher, 1).item() == pytest.approx(0.7)
     assert factor_distance(student, teacher, 2).item() == pytest.approx((math.sqrt(0.2) + 1) / 2)
+    # The paper's plain p-norm (per_entry=False): mean over samples of .8 and 2 -> 1.4 for L1.
+    assert factor_distance(student, teacher, 1, per_entry=False).item() == pytest.approx(1.4)
+    assert factor_distance(student, teacher, 2, per_entry=False).item() == pytest.approx((math.sqrt(0.4) + math.sqrt(2)) / 2)
 
 
 def test_ft_term_is_half_beta_times_the_factor_distance() -> None:
