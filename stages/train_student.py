@@ -11,13 +11,29 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distill.base import Batch, MethodConfigError, MethodContext, ModelOutput, method_class
+from distill.base import Batch, Method, MethodConfigError, MethodContext, ModelOutput, method_class
 from models.registry import tap_shapes
 from models.taps import FeatureTaps
 from pipeline.plan import StageSpec
 from stages.files import StageError, begin_stage, finish_stage, run_record, select_device, upstream_folders, use_amp
 from stages.loading import load_classifier, load_stage_data, model_state, new_classifier
-from stages.training import EpochLoop, TrainingSettings
+from stages.training import ComputeTerms, EpochLoop, TrainingSettings
+
+
+def distillation_terms(student: nn.Module, teacher: nn.Module | None, method: Method) -> ComputeTerms:
+    """One batch's loss terms: the frozen teacher (no grad) and the student, each with the method's taps."""
+    student_taps = FeatureTaps(student, method.student_taps)
+    teacher_taps = FeatureTaps(teacher, method.teacher_taps) if teacher is not None else None
+
+    def compute_terms(images: torch.Tensor, labels: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        teacher_output = None
+        if teacher_taps is not None:
+            with torch.no_grad():
+                teacher_output = ModelOutput(*teacher_taps(images))
+        logits, features = student_taps(images)
+        return method.loss(ModelOutput(logits, features), teacher_output, Batch(images, labels)), logits
+
+    return compute_terms
 
 
 def run(spec: StageSpec, root: Path) -> None:
@@ -47,23 +63,11 @@ def run(spec: StageSpec, root: Path) -> None:
     except MethodConfigError as error:
         raise StageError(f"{spec.name}: methods.{method_name}.{error.key}: {error}") from None
     method = method_type(params, context).to(device)
-    student_taps = FeatureTaps(student, method.student_taps)
-    teacher_taps = FeatureTaps(teacher, method.teacher_taps) if teacher is not None else None
-
-    def compute_terms(images: torch.Tensor, labels: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        teacher_output = None
-        if teacher_taps is not None:
-            with torch.no_grad():
-                teacher_output = ModelOutput(*teacher_taps(images))
-        logits, features = student_taps(images)
-        terms = method.loss(ModelOutput(logits, features), teacher_output, Batch(images, labels))
-        return terms, logits
-
     log = EpochLoop(
         folders=folders,
         record=run_record(spec, device, settings.seed),
         modules=nn.ModuleDict({"model": student, "method": method}),
-        compute_terms=compute_terms,
+        compute_terms=distillation_terms(student, teacher, method),
         data=data,
         settings=settings,
         device=device,
