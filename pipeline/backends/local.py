@@ -68,6 +68,8 @@ class LocalBackend:
         for spec in plan.stages.values():
             if StageFolders(self.root, spec.name).is_done():
                 outcomes[spec.name] = StageOutcome(spec.name, "skipped")
+                if manifest.stages.get(spec.name, {}).get("state") != "done":
+                    manifest.record(spec.name, kind=spec.kind, state="done")
             else:
                 waiting.append(spec)
         if outcomes:
