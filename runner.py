@@ -59,8 +59,18 @@ def run_local(plan: Plan, root: Path, max_parallel: int | None) -> bool:
     return not failed
 
 
+def checked_plan(sweep: Path) -> Plan:
+    """The plan, with method settings also checked against real tap shapes (imports torch)."""
+    from pipeline.catalogue import load_catalogue
+    from stages.preflight import check_methods
+
+    plan = build_plan(sweep)
+    check_methods(plan, load_catalogue())
+    return plan
+
+
 def command_submit(args: argparse.Namespace) -> int:
-    plan = build_plan(Path(args.sweep))
+    plan = checked_plan(Path(args.sweep))
     return 0 if run_local(plan, output_root(args), args.max_parallel) else 1
 
 
@@ -155,7 +165,7 @@ def command_report(args: argparse.Namespace) -> int:
 def command_demo(args: argparse.Namespace) -> int:
     args.sweep, args.out = str(DEMO_SWEEP), None
     started = time.perf_counter()
-    if not run_local(build_plan(DEMO_SWEEP), output_root(args), args.max_parallel):
+    if not run_local(checked_plan(DEMO_SWEEP), output_root(args), args.max_parallel):
         return 1
     print(f"demo sweep finished in {time.perf_counter() - started:.0f} s\n")
     return command_report(args)

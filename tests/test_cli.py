@@ -42,6 +42,16 @@ def test_bad_sweep_is_one_error_line_and_writes_nothing(tmp_path: Path) -> None:
     assert not (REPO / "jobs" / name).exists()
 
 
+def test_tucker_rank_larger_than_the_tensor_is_refused_before_submitting(tmp_path: Path) -> None:
+    # resnet8x0.25's layer3 on 8x8 digits is (16, 2, 2) (projected to the teacher's 64 channels): h-rank 3 cannot fit.
+    sweep = write_sweep(tmp_path / "rank.yaml", {"axes.method": ["vanilla", "tucker"], "defaults.methods": {"tucker": {"ranks": [4, 3, 2]}}})
+    result = run_runner("submit", str(sweep), "--root", str(tmp_path / "out"), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"error: {sweep}: methods.tucker.ranks: "), result.stderr
+    assert "resnet20:resnet8x0.25" in result.stderr
+    assert not (tmp_path / "out").exists()  # nothing submitted, not even the vanilla student
+
+
 # 10. Help -----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])

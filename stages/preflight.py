@@ -1,0 +1,44 @@
+"""Checks a plan's method settings against the real feature-map shapes before anything is submitted.
+
+The planner validates keys, types and ranges without torch; whether a Tucker rank fits a tensor or
+FT's taps line up depends on the models' tap shapes, which need torch. ``submit`` runs this first,
+so such a mistake is refused in one line instead of failing hours later, after the teacher trained.
+"""
+from __future__ import annotations
+
+from pipeline.catalogue import Catalogue
+from pipeline.plan import Plan
+from pipeline.sweep import SweepError
+
+from distill.base import MethodConfigError, MethodContext, method_class
+from models.registry import tap_shapes
+
+
+def check_methods(plan: Plan, catalogue: Catalogue) -> None:
+    """Raises SweepError naming the sweep file and ``methods.<name>.<key>`` for the first misfit."""
+    checked: set[str] = set()
+    for spec in plan.stages.values():
+        if spec.kind != "train_student":
+            continue
+        dataset = catalogue.datasets[spec.settings["dataset"]["name"]]
+        image_shape, num_classes = tuple(dataset.image_shape), dataset.num_classes
+        teacher_stage = spec.upstream.get("teacher")
+        teacher_arch = plan.stages[teacher_stage].settings["arch"] if teacher_stage else None
+        method = spec.settings["method"]
+        key = repr((method, spec.settings["arch"], teacher_arch, image_shape))
+        if key in checked:
+            continue
+        checked.add(key)
+        context = MethodContext(
+            num_classes=num_classes,
+            teacher_tap_shapes=tap_shapes(teacher_arch, image_shape, num_classes) if teacher_arch else {},
+            student_tap_shapes=tap_shapes(spec.settings["arch"], image_shape, num_classes),
+        )
+        try:
+            method_class(method["name"]).check(method["params"], context)
+        except MethodConfigError as error:
+            pair = f"{teacher_arch}:{spec.settings['arch']}" if teacher_arch else spec.settings["arch"]
+            raise SweepError(
+                plan.sweep_path, f"methods.{method['name']}.{error.key}",
+                f"{error} (pair {pair}, dataset {spec.settings['dataset']['name']})",
+            ) from None
