@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
 
 from data.errors import DatasetError  # noqa: E402
+from pipeline.backends.cluster import BackendError  # noqa: E402
 from pipeline.catalogue import CatalogueError  # noqa: E402
 from pipeline.logfiles import LogError  # noqa: E402
 from pipeline.manifest import SubmitLockedError, submit_lock  # noqa: E402
@@ -44,15 +45,15 @@ def command_plan(args: argparse.Namespace) -> int:
 
 def run_local(plan: Plan, root: Path, max_parallel: int | None) -> bool:
     from pipeline.backends.local import LocalBackend
-    from stages import run_stage
+    from stages import StageJob
 
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    export_repo_path()
     cpus = max(int(spec.resources.get("cpus", 1)) for spec in plan.stages.values())
     parallel = max_parallel or max(1, (os.cpu_count() or 1) // cpus)
     jobs_dir = root / "jobs" / plan.sweep_name
     with submit_lock(jobs_dir):
         print(f"running {len(plan.stages)} stages of sweep {plan.sweep_name!r} locally, {parallel} at a time; job logs in {jobs_dir}")
-        outcomes = LocalBackend(root, jobs_dir, run_stage, parallel).run(plan)
+        outcomes = LocalBackend(root, jobs_dir, StageJob(), parallel).run(plan)
     failed = [outcome for outcome in outcomes if outcome.state in ("failed", "blocked")]
     for outcome in failed:
         print(f"{outcome.state}: {outcome.name}: {outcome.error}", file=sys.stderr)
@@ -69,9 +70,88 @@ def checked_plan(sweep: Path) -> Plan:
     return plan
 
 
+def export_repo_path() -> None:
+    """Jobs unpickle ``stages.StageJob``: make the repository importable in them wherever they run."""
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+
+
+def submit_to_cluster(plan: Plan, root: Path, backend: str) -> None:
+    from pipeline.backends import cluster_scheduler
+    from pipeline.backends.cluster import ClusterBackend
+    from stages import StageJob
+
+    export_repo_path()
+    scheduler = cluster_scheduler(backend)
+    jobs_dir = root / "jobs" / plan.sweep_name
+    started = time.perf_counter()
+    with submit_lock(jobs_dir):
+        summary = ClusterBackend(scheduler, root, jobs_dir, StageJob()).submit(plan)
+    print(
+        f"{backend}: submitted {len(summary.submitted)} stage(s) in {summary.arrays} array(s); "
+        f"{len(summary.skipped_done)} already DONE, {len(summary.skipped_live)} still queued or running; "
+        f"{scheduler.calls} scheduler call(s) in {time.perf_counter() - started:.2f} s; manifest {jobs_dir / 'manifest.json'}"
+    )
+
+
+def current_status(plan: Plan, root: Path) -> list:
+    from pipeline.backends import live_jobs
+    from pipeline.manifest import Manifest
+    from pipeline.status import sweep_status
+
+    return sweep_status(plan, root, Manifest.load(root / "jobs" / plan.sweep_name), live_jobs)
+
+
+def wait_for(plan: Plan, root: Path, poll_seconds: float = 5.0) -> bool:
+    """Polls files and the queue until no stage is queued or running; True if all are done."""
+    while True:
+        statuses = current_status(plan, root)
+        if not any(status.state in ("queued", "running") for status in statuses):
+            return all(status.state == "done" for status in statuses)
+        time.sleep(poll_seconds)
+
+
 def command_submit(args: argparse.Namespace) -> int:
     plan = checked_plan(Path(args.sweep))
-    return 0 if run_local(plan, output_root(args), args.max_parallel) else 1
+    root = output_root(args)
+    if args.backend == "local":
+        return 0 if run_local(plan, root, args.max_parallel) else 1
+    submit_to_cluster(plan, root, args.backend)
+    if args.wait:
+        done = wait_for(plan, root)
+        print(("all stages done" if done else "some stages did not finish; see runner.py status") + f": sweep {plan.sweep_name}")
+        return 0 if done else 1
+    return 0
+
+
+def command_status(args: argparse.Namespace) -> int:
+    from pipeline.status import format_status
+
+    statuses = current_status(build_plan(Path(args.sweep)), output_root(args))
+    print(format_status(statuses))
+    return 0 if all(status.state == "done" for status in statuses) else 3
+
+
+def command_cancel(args: argparse.Namespace) -> int:
+    from pipeline.backends import cancel_jobs
+    from pipeline.manifest import Manifest
+
+    plan = build_plan(Path(args.sweep))
+    root = output_root(args)
+    manifest = Manifest.load(root / "jobs" / plan.sweep_name)
+    chosen = [
+        status for status in current_status(plan, root)
+        if status.state in ("queued", "running") and (args.stage is None or status.kind == args.stage)
+    ]
+    by_backend: dict[str, list[str]] = {}
+    for status in chosen:
+        by_backend.setdefault(manifest.stages[status.name].get("backend", "local"), []).append(status.job_id)
+    for backend, job_ids in by_backend.items():
+        cancel_jobs(backend, job_ids)
+    for status in chosen:
+        manifest.stages[status.name]["state"] = "cancelled"
+    manifest.save()
+    print(f"cancelled {len(chosen)} stage(s) of sweep {plan.sweep_name}" + "".join(f"\n  {status.name} ({status.job_id})" for status in chosen))
+    return 0
 
 
 def find_stage(identifier: str, root: Path, sweep: str | None) -> StageSpec:
@@ -190,8 +270,19 @@ def parser() -> argparse.ArgumentParser:
     sub = command("submit", command_submit, "run a sweep's stages in dependency order (DONE stages are skipped)",
                   "python runner.py submit configs/demo.yaml --backend local")
     sub.add_argument("sweep", help="sweep YAML file")
-    sub.add_argument("--backend", choices=["local"], default="local", help="where stages run (default: local)")
+    sub.add_argument("--backend", choices=["local", "slurm", "pbs"], default="local", help="where stages run (default: local)")
     sub.add_argument("--max-parallel", type=int, help="local backend: stages at once (default: cores / cpus per stage)")
+    sub.add_argument("--wait", action="store_true", help="slurm/pbs: wait until no stage is queued or running")
+    with_root(sub)
+
+    sub = command("status", command_status, "table of stages: done, running, queued, failed (stderr tail), blocked by which upstream",
+                  "python runner.py status configs/demo.yaml")
+    sub.add_argument("sweep", help="sweep YAML file")
+    with_root(sub)
+
+    sub = command("cancel", command_cancel, "cancel a sweep's queued and running stages", "python runner.py cancel configs/demo.yaml --stage train_student")
+    sub.add_argument("sweep", help="sweep YAML file")
+    sub.add_argument("--stage", choices=["train_teacher", "pretrain_paraphraser", "train_student", "evaluate"], help="only stages of this kind")
     with_root(sub)
 
     sub = command("stage", command_stage, "run one stage in this process (for debugging); resumes from its checkpoint",
@@ -221,7 +312,9 @@ def parser() -> argparse.ArgumentParser:
 def user_errors() -> tuple[type[Exception], ...]:
     """Errors whose one-line message is all a user needs. StageError is only looked up once its
     module (which imports torch) is loaded, so read commands stay free of torch."""
-    errors: list[type[Exception]] = [SweepError, CatalogueError, SubmitLockedError, CorruptFileError, LogError, DatasetError]
+    errors: list[type[Exception]] = [
+        SweepError, CatalogueError, SubmitLockedError, CorruptFileError, LogError, DatasetError, BackendError,
+    ]
     if "stages.files" in sys.modules:
         errors.append(sys.modules["stages.files"].StageError)
     return tuple(errors)

@@ -93,6 +93,8 @@ def _summary(log: dict[str, Any]) -> str:
         )
     if epochs and epochs[-1]["test_acc"] is not None:
         lines.append(f"last test acc: {_number(epochs[-1]['test_acc'], '.2f')}")
+    if log.get("resumed_after_epochs"):
+        lines.append("resumed from its checkpoint after epoch(s): " + ", ".join(map(str, log["resumed_after_epochs"])))
     lines.append("environment: " + ", ".join(f"{key} {value}" for key, value in log["environment"].items()))
     if log.get("result"):
         lines.append("result: " + ", ".join(f"{key} {_value(value)}" for key, value in log["result"].items()))

@@ -35,6 +35,9 @@ class Manifest:
     def record(self, stage: str, **fields: Any) -> None:
         entry = self.stages.setdefault(stage, {})
         entry.update(fields, updated_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        self.save()
+
+    def save(self) -> None:
         write_json(self.path, {"stages": self.stages})
 
 

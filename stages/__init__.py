@@ -1,7 +1,9 @@
 """Stage jobs: one module per stage kind, each with ``run(spec, root)``.
 
-``run_stage`` is what backends submit. It imports the stage module only when the job runs, so
-submitting (and pickling a reference to this function) never imports torch.
+``StageJob`` is what backends submit. It imports the stage module only when the job runs, so
+submitting (and pickling it) never imports torch. It is submitit-``Checkpointable``: on a time
+limit or preemption signal submitit requeues the same call, and the stage resumes from its last
+epoch checkpoint, so a requeued job repeats no finished epoch.
 """
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import importlib
 import os
 from pathlib import Path
 from typing import Any, Mapping
+
+from submitit.helpers import Checkpointable
 
 from pipeline.plan import StageSpec
 from pipeline.store import StageFolders
@@ -27,3 +31,10 @@ def run_stage(spec: StageSpec | Mapping[str, Any], root: str | os.PathLike) -> s
         raise ValueError(f"unknown stage kind {spec.kind!r}; allowed: {', '.join(STAGE_KINDS)}")
     importlib.import_module(f"stages.{spec.kind}").run(spec, root)
     return spec.name
+
+
+class StageJob(Checkpointable):
+    """``run_stage`` as a requeue-able submitit callable (the checkpoint is the stage's own file)."""
+
+    def __call__(self, spec: Mapping[str, Any], root: str) -> str:
+        return run_stage(spec, root)

@@ -131,7 +131,7 @@ class EpochLoop:
         optimizer = torch.optim.SGD(
             parameters, lr=self.settings.lr, momentum=self.settings.momentum, weight_decay=self.settings.weight_decay
         )
-        log = dict(self.record, epochs=[], best_epoch=None, status="running")
+        log = dict(self.record, epochs=[], best_epoch=None, status="running", resumed_after_epochs=[])
         best_val = -1.0
         start_epoch = 0
         if self.folders.checkpoint.is_file():
@@ -140,6 +140,7 @@ class EpochLoop:
             optimizer.load_state_dict(checkpoint["optimizer"])
             log["epochs"], log["best_epoch"] = checkpoint["epochs"], checkpoint["best_epoch"]
             best_val, start_epoch = checkpoint["best_val"], len(checkpoint["epochs"])
+            log["resumed_after_epochs"] = [*checkpoint.get("resumed_after_epochs", []), start_epoch]
         progress = tqdm(
             range(start_epoch, self.settings.epochs), initial=start_epoch, total=self.settings.epochs,
             desc=self.folders.name[:60], file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 30.0,
@@ -154,7 +155,8 @@ class EpochLoop:
             save_torch(
                 self.folders.checkpoint,
                 {"modules": self.modules.state_dict(), "optimizer": optimizer.state_dict(),
-                 "epochs": log["epochs"], "best_epoch": log["best_epoch"], "best_val": best_val},
+                 "epochs": log["epochs"], "best_epoch": log["best_epoch"], "best_val": best_val,
+                 "resumed_after_epochs": log["resumed_after_epochs"]},
             )
             write_stage_log(self.folders, log, plots=False)
             progress.set_postfix(loss=f"{entry['train_loss']:.3f}", val=_percent(val_acc), test=_percent(entry["test_acc"]))

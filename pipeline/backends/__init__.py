@@ -1,1 +1,46 @@
-"""Backends run a plan's stages somewhere: ``local`` (submitit's LocalExecutor) for now."""
+"""Backends run a plan's stages: ``local`` (submitit's LocalExecutor on this machine), ``slurm``
+(submitit's SlurmExecutor) and ``pbs`` (our executor on submitit's core).
+
+The cluster ones share ``cluster.ClusterBackend`` and differ only in their ``Scheduler``; these
+functions pick one by name, so the CLI and status code never branch on the scheduler.
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+from pipeline.backends.cluster import Scheduler
+
+BACKENDS = ("local", "slurm", "pbs")
+
+
+def cluster_scheduler(name: str) -> Scheduler:
+    if name == "slurm":
+        from pipeline.backends.slurm import SlurmScheduler
+
+        return SlurmScheduler()
+    if name == "pbs":
+        from pipeline.backends.pbs import PBSScheduler
+
+        return PBSScheduler()
+    raise ValueError(f"no cluster scheduler {name!r}; allowed: slurm, pbs")
+
+
+def live_jobs(backend: str, job_ids: list[str]) -> dict[str, str]:
+    """Jobs of ``backend`` still queued or running, with their scheduler state."""
+    if backend == "local":
+        from pipeline.status import local_live_jobs
+
+        return local_live_jobs(job_ids)
+    return cluster_scheduler(backend).live_jobs(job_ids)
+
+
+def cancel_jobs(backend: str, job_ids: list[str]) -> None:
+    if backend == "local":
+        for job_id in job_ids:
+            try:
+                os.kill(int(job_id), signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        return
+    cluster_scheduler(backend).cancel(job_ids)

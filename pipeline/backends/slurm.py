@@ -1,0 +1,95 @@
+"""Slurm through submitit's SlurmExecutor: the sweep's resources as sbatch options, and queue queries.
+
+Queue state comes from ``squeue`` (jobs still queued or running) plus the stage files, never from
+``sacct``: clusters without slurmdbd accounting have no sacct, and a finished stage is already
+told by its DONE marker (done) or its absence (failed or cancelled).
+"""
+from __future__ import annotations
+
+import getpass
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from pipeline.backends.cluster import BackendError
+
+
+def run_command(argv: list[str]) -> str:
+    """Runs one scheduler command; the single place this module talks to Slurm."""
+    if shutil.which(argv[0]) is None:
+        raise BackendError(f"slurm backend: '{argv[0]}' not found on PATH; run on a Slurm login node or use --backend local")
+    finished = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    if finished.returncode != 0:
+        message = " ".join((finished.stderr or finished.stdout).split())
+        raise BackendError(f"slurm backend: {' '.join(argv[:2])} failed: {message}")
+    return finished.stdout
+
+
+def sbatch_parameters(resources: dict[str, Any]) -> dict[str, Any]:
+    """submitit SlurmExecutor parameters for one stage kind's resources (see pipeline/sweep_schema.py)."""
+    parameters: dict[str, Any] = {
+        "time": int(resources.get("time_min", 60)),
+        "cpus_per_task": int(resources.get("cpus", 1)),
+        "mem": float(resources.get("mem_gb", 4)),  # GB; submitit writes it as GB or MB
+        "nodes": 1,
+        "ntasks_per_node": 1,
+    }
+    if int(resources.get("gpus", 0)) > 0:
+        parameters["gpus_per_node"] = int(resources["gpus"])
+    for key in ("partition", "account", "qos", "constraint"):
+        if resources.get(key):
+            parameters[key] = resources[key]
+    extra: dict[str, Any] = {"requeue": True}
+    for option in resources.get("extra_sbatch") or []:
+        key, has_value, value = option.lstrip("-").partition("=")
+        extra[key.replace("-", "_")] = value if has_value else True
+    parameters["additional_parameters"] = extra
+    return parameters
+
+
+class SlurmScheduler:
+    name = "slurm"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def _run(self, argv: list[str]) -> str:
+        self.calls += 1
+        return run_command(argv)
+
+    def executor(self, folder: Path, resources: dict[str, Any], after: list[str], job_name: str) -> submitit.Executor:
+        if shutil.which("sbatch") is None:
+            raise BackendError("slurm backend: 'sbatch' not found on PATH; run on a Slurm login node or use --backend local")
+        self.calls += 1  # the array's one sbatch
+        executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=10)
+        parameters = sbatch_parameters(resources)
+        if after:
+            parameters["dependency"] = "afterany:" + ":".join(after)
+        # srun (submitit's default) is kept: the time-limit signal (USR2) goes to job steps, and
+        # submitit's handler in the step is what checkpoints and requeues the stage.
+        executor.update_parameters(job_name=job_name, **parameters)
+        return executor
+
+    def live_jobs(self, job_ids: list[str]) -> dict[str, str]:
+        """State of each given job still known to squeue (array tasks one per line); others are absent.
+
+        Lists this user's jobs rather than ``--jobs=...``: squeue refuses the whole query when one
+        id has already left the queue.
+        """
+        if not job_ids:
+            return {}
+        output = self._run(["squeue", "--noheader", "--array", "--format=%i %T", f"--user={getpass.getuser()}"])
+        wanted = set(job_ids)
+        states = {}
+        for line in output.splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[0] in wanted:
+                states[parts[0]] = parts[1]
+        return states
+
+    def cancel(self, job_ids: list[str]) -> None:
+        if job_ids:
+            self._run(["scancel", *job_ids])

@@ -1,0 +1,100 @@
+"""Where each stage of a sweep stands, from the manifest, the stage files and the scheduler's queue.
+
+The queue is asked only which recorded jobs are still queued or running; everything else comes
+from files: DONE means done, a recorded job that left the queue without DONE failed (its stderr
+tail says why). So status is right on clusters without accounting (no sacct) and after a crash
+of the submitting process.
+"""
+from __future__ import annotations
+
+import os
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from pipeline.backends.cluster import LIVE_STATES
+from pipeline.manifest import Manifest
+from pipeline.plan import Plan
+from pipeline.store import StageFolders
+
+LiveJobs = Callable[[str, list[str]], dict[str, str]]
+"""(backend name, job ids) -> {job id: scheduler state} for the jobs still queued or running."""
+
+FINAL_RECORDED = ("failed", "cancelled", "rolled back")
+
+
+@dataclass(frozen=True)
+class StageStatus:
+    name: str
+    kind: str
+    state: str  # done | running | queued | failed | cancelled | blocked | not submitted
+    job_id: str = ""
+    detail: str = ""
+
+
+def local_live_jobs(job_ids: list[str]) -> dict[str, str]:
+    """Local jobs are processes of this machine: alive means running."""
+    states = {}
+    for job_id in job_ids:
+        try:
+            os.kill(int(job_id), 0)
+        except (ProcessLookupError, ValueError):
+            continue
+        except PermissionError:
+            pass
+        states[job_id] = "RUNNING"
+    return states
+
+
+def stderr_tail(path: str | None, lines: int = 3) -> str:
+    if not path or not Path(path).is_file():
+        return ""
+    with open(path, errors="replace") as stream:
+        tail = deque((line.rstrip() for line in stream if line.strip()), maxlen=lines)
+    return " | ".join(tail)
+
+
+def sweep_status(plan: Plan, root: Path, manifest: Manifest, live_jobs: LiveJobs) -> list[StageStatus]:
+    by_backend: dict[str, list[str]] = {}
+    for name in plan.stages:
+        entry = manifest.stages.get(name, {})
+        if entry.get("job_id") and not StageFolders(root, name).is_done():
+            by_backend.setdefault(entry.get("backend", "local"), []).append(str(entry["job_id"]))
+    live: dict[str, str] = {}
+    for backend, job_ids in by_backend.items():
+        live.update(live_jobs(backend, job_ids))
+
+    statuses: dict[str, StageStatus] = {}
+    for name, spec in plan.stages.items():
+        entry = manifest.stages.get(name, {})
+        job_id = str(entry.get("job_id", ""))
+        if StageFolders(root, name).is_done():
+            statuses[name] = StageStatus(name, spec.kind, "done", job_id)
+            continue
+        failed_upstream = [up for up in spec.upstream.values() if statuses[up].state in ("failed", "cancelled", "blocked")]
+        queue_state = live.get(job_id, "") if job_id else ""
+        if queue_state in LIVE_STATES and not failed_upstream:
+            state = "running" if queue_state == "RUNNING" else "queued"
+            statuses[name] = StageStatus(name, spec.kind, state, job_id, queue_state.lower())
+        elif failed_upstream:
+            statuses[name] = StageStatus(name, spec.kind, "blocked", job_id, f"upstream {failed_upstream[0]} did not finish")
+        elif job_id or entry.get("state") in FINAL_RECORDED:
+            state = "cancelled" if entry.get("state") == "cancelled" else "failed"
+            detail = stderr_tail(entry.get("stderr")) or entry.get("error", "")
+            statuses[name] = StageStatus(name, spec.kind, state, job_id, detail)
+        else:
+            statuses[name] = StageStatus(name, spec.kind, "not submitted")
+    return list(statuses.values())
+
+
+def format_status(statuses: list[StageStatus]) -> str:
+    width = max((len(status.name) for status in statuses), default=10)
+    lines = [f"{'stage':{width}}  {'state':13}  {'job':12}  detail"]
+    for status in statuses:
+        lines.append(f"{status.name:{width}}  {status.state:13}  {status.job_id:12}  {status.detail}".rstrip())
+    counts: dict[str, int] = {}
+    for status in statuses:
+        counts[status.state] = counts.get(status.state, 0) + 1
+    lines.append(", ".join(f"{count} {state}" for state, count in counts.items()))
+    return "\n".join(lines)
