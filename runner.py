@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
 
 from data.errors import DatasetError  # noqa: E402
-from pipeline.backends.cluster import BackendError  # noqa: E402
+from pipeline.backends import BackendError  # noqa: E402
 from pipeline.catalogue import CatalogueError  # noqa: E402
 from pipeline.logfiles import LogError  # noqa: E402
 from pipeline.manifest import SubmitLockedError, submit_lock  # noqa: E402

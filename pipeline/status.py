@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from pipeline.backends.cluster import LIVE_STATES
+from pipeline.backends import LIVE_STATES
 from pipeline.manifest import Manifest
 from pipeline.plan import Plan
 from pipeline.store import StageFolders

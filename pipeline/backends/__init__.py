@@ -8,13 +8,25 @@ from __future__ import annotations
 
 import os
 import signal
+from typing import TYPE_CHECKING
 
-from pipeline.backends.cluster import Scheduler
+if TYPE_CHECKING:
+    from pipeline.backends.cluster import Scheduler
 
 BACKENDS = ("local", "slurm", "pbs")
+LIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "HELD", "QUEUED")
+"""Scheduler states of a job that is still queued or running (Slurm's names; PBS maps onto them)."""
 
 
-def cluster_scheduler(name: str) -> Scheduler:
+class BackendError(RuntimeError):
+    """The scheduler is missing or refused a submission; one line naming the backend and the cause.
+
+    Defined here, apart from the submitit-based modules, so the CLI can catch it without
+    importing the job machinery in commands that only read files.
+    """
+
+
+def cluster_scheduler(name: str) -> "Scheduler":
     if name == "slurm":
         from pipeline.backends.slurm import SlurmScheduler
 

@@ -26,16 +26,12 @@ from typing import Any, Callable, Protocol
 
 import submitit
 
+from pipeline.backends import LIVE_STATES, BackendError
 from pipeline.manifest import Manifest
 from pipeline.plan import Plan, StageSpec
 from pipeline.store import StageFolders
 
 KIND_ORDER = ("train_teacher", "pretrain_paraphraser", "train_student", "evaluate")
-LIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "HELD", "QUEUED")
-
-
-class BackendError(RuntimeError):
-    """The scheduler is missing or refused a submission; one line naming the backend and the cause."""
 
 
 class Scheduler(Protocol):

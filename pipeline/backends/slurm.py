@@ -14,7 +14,7 @@ from typing import Any
 
 import submitit
 
-from pipeline.backends.cluster import BackendError
+from pipeline.backends import BackendError
 
 
 def run_command(argv: list[str]) -> str:
