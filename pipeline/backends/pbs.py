@@ -35,6 +35,7 @@ from submitit.core import core, logger, utils
 from pipeline.backends import BackendError
 from pipeline.backends import pbs_scripts as scripts
 from pipeline.backends.pbs_job import PBSJobEnvironment
+from pipeline.backends.slurm import SlurmScheduler
 
 __all__ = [
     "PBSCommandMissing", "PBSError", "PBSExecutor", "PBSJob", "PBSJobEnvironment", "PBSScheduler", "TorqueJob",
@@ -327,14 +328,21 @@ class PBSScheduler:
     def live_jobs(self, job_ids: list[str]) -> dict[str, str]:
         """State of each given job qstat still lists (plain ``qstat -f``: finished jobs are not wanted).
 
-        Slurm's wrapper qstat cannot address array tasks, so there they are never listed.
+        Under Slurm's Torque wrappers, Slurm itself is underneath and the wrapper qstat cannot
+        address array tasks, so the queue is read from squeue there instead.
         """
         if not job_ids:
             return {}
         self.calls += 1
+        if self.slurm_wrappers:
+            return SlurmScheduler().live_jobs(job_ids)
         return job_states(job_ids, "torque")  # no -x, whatever the dialect: finished jobs are not live
 
     def cancel(self, job_ids: list[str]) -> None:
+        """qdel; under Slurm's wrappers scancel, since their qdel of one task cancels the whole array."""
         if job_ids:
             self.calls += 1
-            cancel_jobs(job_ids)
+            if self.slurm_wrappers:
+                SlurmScheduler().cancel(job_ids)
+            else:
+                cancel_jobs(job_ids)

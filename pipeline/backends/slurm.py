@@ -7,6 +7,7 @@ told by its DONE marker (done) or its absence (failed or cancelled).
 from __future__ import annotations
 
 import getpass
+import math
 import shutil
 import subprocess
 from pathlib import Path
@@ -33,7 +34,7 @@ def sbatch_parameters(resources: dict[str, Any]) -> dict[str, Any]:
     parameters: dict[str, Any] = {
         "time": int(resources.get("time_min", 60)),
         "cpus_per_task": int(resources.get("cpus", 1)),
-        "mem": float(resources.get("mem_gb", 4)),  # GB; submitit writes it as GB or MB
+        "mem": f"{math.ceil(float(resources.get('mem_gb', 4)) * 1024)}MB",  # sbatch refuses fractional sizes
         "nodes": 1,
         "ntasks_per_node": 1,
     }
