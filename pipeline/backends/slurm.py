@@ -31,8 +31,12 @@ def run_command(argv: list[str]) -> str:
 
 def sbatch_parameters(resources: dict[str, Any]) -> dict[str, Any]:
     """submitit SlurmExecutor parameters for one stage kind's resources (see pipeline/sweep_schema.py)."""
+    time_min = int(resources.get("time_min", 60))
     parameters: dict[str, Any] = {
-        "time": int(resources.get("time_min", 60)),
+        "time": time_min,
+        # USR2 this long before the limit makes submitit checkpoint and requeue the stage; a lead
+        # longer than the job itself (submitit's 90 s on a 1-minute job) would requeue it at once.
+        "signal_delay_s": min(90, max(10, time_min * 6)),
         "cpus_per_task": int(resources.get("cpus", 1)),
         "mem": f"{math.ceil(float(resources.get('mem_gb', 4)) * 1024)}MB",  # sbatch refuses fractional sizes
         "nodes": 1,
