@@ -106,16 +106,6 @@ class Plan:
             lines.append(line)
         return "\n".join(lines)
 
-    def downstream_of(self, name: str) -> list[str]:
-        """Every stage that reads ``name``'s output, directly or through others, in plan order."""
-        if name not in self.stages:
-            raise KeyError(f"unknown stage {name!r} in plan {self.sweep_name}")
-        affected = {name}
-        for stage in self.stages.values():
-            if not affected.isdisjoint(stage.upstream.values()):
-                affected.add(stage.name)
-        return [stage for stage in self.stages if stage in affected and stage != name]
-
 
 def _fields_of(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
     """The constructor arguments of dataclass ``cls`` from ``data``; extra or missing keys are errors."""

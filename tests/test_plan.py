@@ -166,19 +166,6 @@ def test_stages_are_in_topological_group_order(plan_of: Callable[..., Plan]) -> 
     assert groups == sorted(groups, key=order.index)
 
 
-def test_downstream_of_a_teacher(plan_of: Callable[..., Plan]) -> None:
-    plan = plan_of()
-    downstream = plan.downstream_of(experiment_stage(plan, "kd", "teacher_stage"))
-    assert experiment_stage(plan, "ft", "paraphraser_stage") in downstream
-    assert experiment_stage(plan, "ft", "evaluate_stage") in downstream
-    assert experiment_stage(plan, "vanilla", "evaluate_stage") in downstream
-    assert experiment_stage(plan, "vanilla", "student_stage") not in downstream
-    assert downstream == [name for name in plan.stages if name in downstream]
-    assert plan.downstream_of(experiment_stage(plan, "kd", "evaluate_stage")) == []
-    with pytest.raises(KeyError):
-        plan.downstream_of("no-such-stage")
-
-
 def test_plan_survives_json_and_pickle(plan_of: Callable[..., Plan]) -> None:
     plan = plan_of(lambda sweep: sweep["axes"].update(pair=TWO_PAIRS))
     assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
