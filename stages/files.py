@@ -48,7 +48,8 @@ def upstream_folders(spec: StageSpec, root: Path) -> dict[str, StageFolders]:
         upstream = StageFolders(root, name)
         if not upstream.is_done():
             raise StageError(
-                f"{spec.name}: upstream {role} stage {name} is not DONE ({upstream.done_marker} missing); run it first"
+                f"{spec.name}: upstream {role} stage {name} is not DONE ({upstream.done_marker} missing): "
+                "it failed, was cancelled or has not run yet; see runner.py status"
             )
         folders[role] = upstream
     return folders
