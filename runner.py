@@ -54,7 +54,7 @@ def run_local(plan: Plan, root: Path, max_parallel: int | None) -> bool:
     with submit_lock(jobs_dir):
         print(f"running {len(plan.stages)} stages of sweep {plan.sweep_name!r} locally, {parallel} at a time; job logs in {jobs_dir}")
         outcomes = LocalBackend(root, jobs_dir, StageJob(), parallel).run(plan)
-    failed = [outcome for outcome in outcomes if outcome.state in ("failed", "blocked")]
+    failed = [outcome for outcome in outcomes if outcome.state in ("failed", "cancelled", "blocked")]
     for outcome in failed:
         print(f"{outcome.state}: {outcome.name}: {outcome.error}", file=sys.stderr)
     return not failed
@@ -148,8 +148,7 @@ def command_cancel(args: argparse.Namespace) -> int:
     for backend, job_ids in by_backend.items():
         cancel_jobs(backend, job_ids)
     for status in chosen:
-        manifest.stages[status.name]["state"] = "cancelled"
-    manifest.save()
+        manifest.record(status.name, state="cancelled")
     print(f"cancelled {len(chosen)} stage(s) of sweep {plan.sweep_name}" + "".join(f"\n  {status.name} ({status.job_id})" for status in chosen))
     return 0
 

@@ -33,6 +33,10 @@ class Manifest:
         return cls(path, stages)
 
     def record(self, stage: str, **fields: Any) -> None:
+        """Updates one stage's entry on top of the file as it is now, so that a ``cancel`` run by
+        another process while a local submit is recording its jobs is not overwritten."""
+        if self.path.is_file():
+            self.stages = read_json(self.path)["stages"]
         entry = self.stages.setdefault(stage, {})
         entry.update(fields, updated_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
         self.save()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -130,3 +131,29 @@ def test_local_status_reads_the_same_manifest(tiny_submitted, capsys: pytest.Cap
     lines = capsys.readouterr().out.splitlines()
     assert code == 0
     assert lines[-1] == f"{len(build_plan(tiny_submitted.sweep).stages)} done"
+
+
+def test_local_cancel_stops_a_running_stage_and_blocks_its_dependants(tmp_path: Path) -> None:
+    sweep = write_sweep(tmp_path / "s.yaml", {"axes.method": ["kd"], "defaults.teacher.epochs": 500})
+    root = tmp_path / "out"
+    runner_py = str(REPO / "runner.py")
+    submit = subprocess.Popen([sys.executable, runner_py, "submit", str(sweep), "--root", str(root)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    plan = build_plan(sweep)
+    teacher = plan.experiments[0].teacher_stage
+    jobs_dir = root / "jobs" / "tiny"
+    deadline = time.monotonic() + 120
+    while Manifest.load(jobs_dir).stages.get(teacher, {}).get("state") != "running":
+        assert time.monotonic() < deadline and submit.poll() is None, "the teacher never started"
+        time.sleep(0.2)
+
+    cancel = subprocess.run([sys.executable, runner_py, "cancel", str(sweep), "--root", str(root)],
+                            capture_output=True, text=True, timeout=120)
+    assert cancel.returncode == 0 and "cancelled 1 stage(s)" in cancel.stdout, cancel.stdout + cancel.stderr
+    assert submit.wait(timeout=120) == 1  # the submit ends: its teacher was cancelled, the rest blocked
+
+    status = subprocess.run([sys.executable, runner_py, "status", str(sweep), "--root", str(root)],
+                            capture_output=True, text=True, timeout=120)
+    states = {line.split()[0]: line.split()[1] for line in status.stdout.splitlines()[1:-1]}
+    assert states[teacher] == "cancelled"
+    assert states[plan.experiments[0].student_stage] == "blocked"

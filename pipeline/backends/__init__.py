@@ -49,9 +49,11 @@ def live_jobs(backend: str, job_ids: list[str]) -> dict[str, str]:
 
 def cancel_jobs(backend: str, job_ids: list[str]) -> None:
     if backend == "local":
+        # SIGINT, as submitit's own LocalJob.cancel: the job controller then stops its task
+        # (the task itself ignores SIGTERM, which submitit reserves for requeueing).
         for job_id in job_ids:
             try:
-                os.kill(int(job_id), signal.SIGTERM)
+                os.kill(int(job_id), signal.SIGINT)
             except ProcessLookupError:
                 pass
         return

@@ -25,7 +25,7 @@ StageJob = Callable[[dict[str, Any], str], str]
 @dataclass(frozen=True)
 class StageOutcome:
     name: str
-    state: str  # done | skipped | failed | blocked
+    state: str  # done | skipped | failed | cancelled | blocked
     seconds: float = 0.0
     error: str = ""
 
@@ -87,7 +87,7 @@ class LocalBackend:
                 for name in finished:
                     job, started = running.pop(name)
                     outcomes[name] = self._outcome(name, job, time.monotonic() - started, manifest)
-                    finished_count = sum(o.state in ("done", "failed") for o in outcomes.values())
+                    finished_count = sum(o.state in ("done", "failed", "cancelled") for o in outcomes.values())
                     outcome = outcomes[name]
                     detail = f"{outcome.seconds:.1f} s" if outcome.state == "done" else outcome.error
                     self.report(f"[{finished_count}/{total}] {outcome.state:6} {name} ({detail})")
@@ -116,7 +116,10 @@ class LocalBackend:
     ) -> list[StageSpec]:
         still_waiting = []
         for spec in waiting:
-            failed = [name for name in spec.upstream.values() if outcomes.get(name, StageOutcome(name, "")).state in ("failed", "blocked")]
+            failed = [
+                name for name in spec.upstream.values()
+                if outcomes.get(name, StageOutcome(name, "")).state in ("failed", "cancelled", "blocked")
+            ]
             if failed:
                 message = f"upstream stage {failed[0]} did not finish"
                 outcomes[spec.name] = StageOutcome(spec.name, "blocked", error=message)
@@ -131,6 +134,9 @@ class LocalBackend:
         if error is None:
             manifest.record(name, state="done", seconds=round(seconds, 2))
             return StageOutcome(name, "done", seconds)
+        if Manifest.load(self.jobs_dir).stages.get(name, {}).get("state") == "cancelled":
+            manifest.record(name, state="cancelled")  # `runner.py cancel` ended it: not a failure
+            return StageOutcome(name, "cancelled", seconds, "cancelled")
         message = last_error_line(error)
         manifest.record(name, state="failed", error=message, stderr=str(job.paths.stderr))
         return StageOutcome(name, "failed", seconds, message)
