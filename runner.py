@@ -202,24 +202,39 @@ def command_plot(args: argparse.Namespace) -> int:
 
 
 STANDARD_AXES = ("dataset", "pair", "method", "seed")
+TEACHER_SIDE_AXES = ("teacher.", "data.")
+
+
+def teacher_label(experiment) -> str:
+    """The teacher arch plus the axis values that change the teacher, so teacher ablations stay apart."""
+    extra = [f"{key}={value}" for key, value in experiment.axis_values.items() if key.startswith(TEACHER_SIDE_AXES)]
+    return experiment.teacher + (f" [{', '.join(extra)}]" if extra else "")
 
 
 def method_label(experiment) -> str:
-    """The method name plus any extra axis values, so rows that differ by a hyper-parameter stay apart."""
-    extra = [f"{key}={value}" for key, value in experiment.axis_values.items() if key not in STANDARD_AXES]
+    """The method plus the other axis values that reach this method's students (not other methods' params)."""
+    extra = [
+        f"{key}={value}" for key, value in experiment.axis_values.items()
+        if key not in STANDARD_AXES and not key.startswith(TEACHER_SIDE_AXES)
+        and (not key.startswith("methods.") or key.split(".")[1] == experiment.method)
+    ]
     return " ".join([experiment.method, *extra])
 
 
 def report_rows(plan: Plan, root: Path) -> list[dict]:
     """One row per experiment (student) and per teacher of each pair, with its result.json if DONE."""
-    rows, seen_teachers = [], set()
+    rows, seen = [], set()
     for experiment in plan.experiments:
-        base = {"dataset": experiment.dataset, "teacher": experiment.teacher, "student": experiment.student}
-        if (experiment.teacher_evaluate_stage, experiment.student) not in seen_teachers:
-            seen_teachers.add((experiment.teacher_evaluate_stage, experiment.student))
+        base = {"dataset": experiment.dataset, "teacher": teacher_label(experiment), "student": experiment.student}
+        teacher_key = (experiment.teacher_evaluate_stage, base["teacher"], experiment.student)
+        if teacher_key not in seen:
+            seen.add(teacher_key)
             rows.append(dict(base, method="teacher", seed=0, role="teacher", **stage_result(root, experiment.teacher_evaluate_stage)))
-        rows.append(dict(base, method=method_label(experiment), seed=experiment.seed, role="student",
-                         **stage_result(root, experiment.evaluate_stage)))
+        label = method_label(experiment)
+        student_key = (experiment.evaluate_stage, base["teacher"], label)
+        if student_key not in seen:  # experiments that differ only in another method's params share this stage
+            seen.add(student_key)
+            rows.append(dict(base, method=label, seed=experiment.seed, role="student", **stage_result(root, experiment.evaluate_stage)))
     return rows
 
 
@@ -309,13 +324,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 def user_errors() -> tuple[type[Exception], ...]:
-    """Errors whose one-line message is all a user needs. StageError is only looked up once its
-    module (which imports torch) is loaded, so read commands stay free of torch."""
+    """Errors whose one-line message is all a user needs. StageError and ReportError are only
+    looked up once their modules (torch, matplotlib) are loaded, so other commands stay light."""
     errors: list[type[Exception]] = [
         SweepError, CatalogueError, SubmitLockedError, CorruptFileError, LogError, DatasetError, BackendError,
     ]
     if "stages.files" in sys.modules:
         errors.append(sys.modules["stages.files"].StageError)
+    if "pipeline.report" in sys.modules:  # loads matplotlib: only looked up once loaded
+        errors.append(sys.modules["pipeline.report"].ReportError)
     return tuple(errors)
 
 

@@ -47,6 +47,10 @@ NOTE = (
 )
 
 
+class ReportError(ValueError):
+    """Rows that cannot make one table (a duplicate seed, a missing key); one line for the user."""
+
+
 class _Group(NamedTuple):
     dataset: str
     teacher: str
@@ -93,7 +97,7 @@ def aggregate(rows: Iterable[Mapping[str, Any]]) -> list[ReportRow]:
     for index, row in enumerate(rows):
         group = _group_of(index, row)
         if any(other["seed"] == row["seed"] for other in groups.get(group, [])):
-            raise ValueError(
+            raise ReportError(
                 f"report row {index}: seed {row['seed']} of {group.method} on {group.dataset} {group.teacher} → "
                 f"{group.student} appears twice; give variants of a method distinct method labels"
             )
@@ -176,9 +180,9 @@ def write_report(table: list[ReportRow], folder: Path) -> list[Path]:
 def _group_of(index: int, row: Mapping[str, Any]) -> _Group:
     for key in IDENTITY_KEYS:
         if key not in row:
-            raise ValueError(f"report row {index}: missing key '{key}' (rows need {', '.join(IDENTITY_KEYS)})")
+            raise ReportError(f"report row {index}: missing key '{key}' (rows need {', '.join(IDENTITY_KEYS)})")
     if row["role"] not in ROLES:
-        raise ValueError(f"report row {index}: role '{row['role']}' is not one of {', '.join(ROLES)}")
+        raise ReportError(f"report row {index}: role '{row['role']}' is not one of {', '.join(ROLES)}")
     method = TEACHER if row["role"] == TEACHER else row["method"]
     return _Group(row["dataset"], row["teacher"], row["student"], method)
 

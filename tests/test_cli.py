@@ -139,3 +139,17 @@ def test_read_commands_do_not_import_torch(tiny_submitted: SweepRun, tmp_path: P
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_report_keeps_teacher_and_method_ablations_apart(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    axes = {"dataset": ["digits"], "pair": ["resnet20:resnet8x0.25"], "method": ["vanilla", "kd"], "seed": [0],
+            "teacher.lr": [0.05, 0.1], "methods.kd.temperature": [2, 4]}
+    sweep = write_sweep(tmp_path / "ablate.yaml", {"axes": axes})
+    assert runner.main(["report", str(sweep), "--root", str(tmp_path / "out")]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| digits")]
+    labels = [(cells[2].strip(), cells[3].strip()) for cells in (row.split("|") for row in rows)]
+    assert labels == [
+        (pair, method)
+        for pair in ("resnet20 [teacher.lr=0.05] → resnet8x0.25", "resnet20 [teacher.lr=0.1] → resnet8x0.25")
+        for method in ("teacher", "vanilla", "kd methods.kd.temperature=2.0", "kd methods.kd.temperature=4.0")
+    ]  # vanilla once per teacher: the kd temperature does not reach it
