@@ -157,3 +157,18 @@ def test_local_cancel_stops_a_running_stage_and_blocks_its_dependants(tmp_path: 
     states = {line.split()[0]: line.split()[1] for line in status.stdout.splitlines()[1:-1]}
     assert states[teacher] == "cancelled"
     assert states[plan.experiments[0].student_stage] == "blocked"
+
+
+def test_resubmitting_a_failed_stage_replaces_its_queued_dependants(tmp_path: Path) -> None:
+    sweep = write_sweep(tmp_path / "s.yaml", {"axes.method": ["kd"]})
+    plan = build_plan(sweep)
+    jobs_dir = tmp_path / "jobs"
+    first = RecordingScheduler(tmp_path / "debug")
+    submitted = ClusterBackend(first, tmp_path / "out", jobs_dir, noop, report=lambda _: None).submit(plan).submitted
+    teacher = plan.experiments[0].teacher_stage
+
+    again = RecordingScheduler(tmp_path / "debug")  # the teacher failed and left the queue; the rest still wait
+    again.queue = {job: "PENDING" for name, job in submitted.items() if name != teacher}
+    summary = ClusterBackend(again, tmp_path / "out", jobs_dir, noop, report=lambda _: None).submit(plan)
+    assert set(summary.submitted) == set(plan.stages)  # the teacher and everything downstream of it
+    assert again.queue == {}  # the old dependants were cancelled

@@ -10,7 +10,8 @@ The rules, each with its reason:
   students of a failed teacher start, find their teacher's DONE marker missing, and fail at once
   with a message naming it; the students of the other teachers run as usual.
 * **Idempotent.** A stage that is DONE on disk, or whose recorded job is still queued or running,
-  is not submitted again; a failed one is, with its dependants. The submit lock keeps two submits
+  is not submitted again; a failed one is, with its dependants (queued ones are cancelled and
+  resubmitted, since they wait on the failed job, not on its replacement). The submit lock keeps two submits
   of one sweep from interleaving, and the manifest is rewritten after every array, so a killed
   submit leaves a manifest that says exactly which arrays went out.
 * **Refusals roll back.** If the scheduler refuses an array (unknown partition, too many GPUs),
@@ -87,14 +88,20 @@ class ClusterBackend:
         }
         pending = [name for name in plan.stages if not StageFolders(self.root, name).is_done()]
         live = self.scheduler.live_jobs([recorded[name] for name in pending if name in recorded]) if recorded else {}
-        to_submit = []
-        for name, spec in plan.stages.items():
+        to_submit, resubmitted, stale = [], set(), []
+        for name, spec in plan.stages.items():  # plan order: upstream stages come first
             if name not in pending:
                 summary.skipped_done.append(name)
-            elif live.get(recorded.get(name, ""), "") in LIVE_STATES:
+            elif live.get(recorded.get(name, ""), "") in LIVE_STATES and resubmitted.isdisjoint(spec.upstream.values()):
                 summary.skipped_live[name] = recorded[name]
             else:
+                # A queued stage whose upstream goes out again waits on the old job: replace it too.
+                if live.get(recorded.get(name, ""), "") in LIVE_STATES:
+                    stale.append(recorded[name])
                 to_submit.append(spec)
+                resubmitted.add(name)
+        if stale:
+            self.scheduler.cancel(stale)
         job_of = {name: recorded[name] for name in summary.skipped_live}
         folder = self.jobs_dir / self.scheduler.name / time.strftime("%Y%m%d-%H%M%S")
         submitted_jobs: list[str] = []
