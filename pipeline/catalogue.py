@@ -167,6 +167,7 @@ def _param(path: Path, where: str, spec: Any) -> Field:
         choices=None if choices is None else tuple(choices),
         tap=spec.get("tap"),
         length=spec.get("length"),
+        item_type=_item_type(default),
         help=spec.get("help", ""),
     )
     if "default" in spec:
@@ -207,6 +208,15 @@ def _dataset(path: Path, name: str, entry: dict) -> DatasetSpec:
     summary = entry.get("summary", "")
     _expect(isinstance(summary, str), path, f"{where}.summary", "must be a string")
     return DatasetSpec(name, entry["num_classes"], tuple(entry["image_shape"]), entry["needs_root"], summary)
+
+
+def _item_type(default: Any) -> str | None:
+    """A list param's item type, from its default's items (all of one type), so [2.5, 2, 2] is refused
+    where the default is [4, 2, 2]."""
+    if not isinstance(default, list) or not default:
+        return None
+    names = {type(item).__name__ for item in default}
+    return names.pop() if len(names) == 1 and next(iter(names)) in TYPES else None
 
 
 def _is_list_of(value: Any, item_type: type) -> bool:

@@ -15,9 +15,17 @@ from models.registry import tap_shapes
 
 
 def check_methods(plan: Plan, catalogue: Catalogue) -> None:
-    """Raises SweepError naming the sweep file and ``methods.<name>.<key>`` for the first misfit."""
+    """Raises SweepError naming the sweep file and the key of the first misfit: ``data_root`` for a
+    data set that reads files when none is set, ``methods.<name>.<key>`` for a method setting."""
     checked: set[str] = set()
     for spec in plan.stages.values():
+        dataset_name = spec.settings["dataset"]["name"]
+        if catalogue.datasets[dataset_name].needs_root and not spec.runtime.get("data_root"):
+            raise SweepError(
+                plan.sweep_path, "data_root",
+                f"data set {dataset_name} reads files, but neither data_root nor KDBENCH_DATA is set; "
+                "set one to the folder holding its files (on a cluster, a path every node sees)",
+            )
         if spec.kind != "train_student":
             continue
         dataset = catalogue.datasets[spec.settings["dataset"]["name"]]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -153,3 +154,16 @@ def test_report_keeps_teacher_and_method_ablations_apart(tmp_path: Path, capsys:
         for pair in ("resnet20 [teacher.lr=0.05] → resnet8x0.25", "resnet20 [teacher.lr=0.1] → resnet8x0.25")
         for method in ("teacher", "vanilla", "kd methods.kd.temperature=2.0", "kd methods.kd.temperature=4.0")
     ]  # vanilla once per teacher: the kd temperature does not reach it
+
+
+def test_a_data_set_without_a_data_root_is_refused_before_submitting(tmp_path: Path) -> None:
+    sweep = write_sweep(tmp_path / "cifar.yaml", {"axes.dataset": ["cifar10"]})
+    environment_had = os.environ.pop("KDBENCH_DATA", None)
+    try:
+        result = run_runner("submit", str(sweep), "--root", str(tmp_path / "out"), cwd=tmp_path)
+    finally:
+        if environment_had is not None:
+            os.environ["KDBENCH_DATA"] = environment_had
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: {sweep}: data_root: data set cifar10 reads files"), result.stderr
+    assert not (tmp_path / "out").exists()

@@ -344,3 +344,12 @@ def test_unreadable_yaml_gives_one_line(tmp_path: Path, catalogue: Catalogue, te
 def test_missing_file_is_a_sweep_error(tmp_path: Path, catalogue: Catalogue) -> None:
     with pytest.raises(SweepError, match="cannot read it"):
         load_sweep(tmp_path / "absent.yaml", catalogue)
+
+
+def test_list_items_are_typed_by_the_declared_default(tmp_path: Path) -> None:
+    real = load_catalogue()  # tucker's ranks default is a list of ints
+    sweep = {"name": "ranks", "axes": {"dataset": ["digits"], "pair": ["resnet20:resnet8x0.25"], "method": ["tucker"]},
+             "defaults": {"methods": {"tucker": {"ranks": [2.5, 2, 2]}}}}
+    path = write_sweep(tmp_path, sweep)
+    with pytest.raises(SweepError, match=r"defaults\.methods\.tucker\.ranks: must be an int, got float 2\.5"):
+        load_sweep(path, real)
