@@ -23,6 +23,7 @@ from pipeline.manifest import SubmitLockedError, submit_lock  # noqa: E402
 from pipeline.plan import Plan, StageSpec, build_plan  # noqa: E402
 from pipeline.store import CorruptFileError, StageFolders, read_json  # noqa: E402
 from pipeline.sweep import SweepError  # noqa: E402
+from pipeline.sweep_schema import STAGE_KINDS  # noqa: E402
 
 DEMO_SWEEP = REPO / "configs" / "demo.yaml"
 
@@ -296,7 +297,7 @@ def parser() -> argparse.ArgumentParser:
 
     sub = command("cancel", command_cancel, "cancel a sweep's queued and running stages", "python runner.py cancel configs/demo.yaml --stage train_student")
     sub.add_argument("sweep", help="sweep YAML file")
-    sub.add_argument("--stage", choices=["train_teacher", "pretrain_paraphraser", "train_student", "evaluate"], help="only stages of this kind")
+    sub.add_argument("--stage", choices=STAGE_KINDS, help="only stages of this kind")
     with_root(sub)
 
     sub = command("stage", command_stage, "run one stage in this process (for debugging); resumes from its checkpoint",

@@ -81,15 +81,18 @@ def tucker_cores(features: torch.Tensor, ranks: list[int], n_iter_max: int) -> t
     The factors never carry grad; if ``features`` does, the returned core is its differentiable
     projection onto them (see the module docstring).
     """
-    features = features.float()  # SVD has no half-precision kernels (autocast)
-    with torch.no_grad(), tl.backend_context("pytorch", local_threadsafe=True):
-        (core, factors), _ = partial_tucker(
-            features.detach(), rank=list(ranks), modes=list(_MODES), n_iter_max=n_iter_max, random_state=0
-        )
-        core, factors = fix_signs(core, factors, _MODES)
-    if not (features.requires_grad and torch.is_grad_enabled()):
-        return core
-    return torch.einsum("nchw,ci,hj,wk->nijk", features, *factors)
+    # Whole computation in float32 with autocast off: SVD has no half-precision kernels, and the
+    # student's core (the einsum) must be as exact as the teacher's it is compared with.
+    features = features.float()
+    with torch.autocast(features.device.type, enabled=False):
+        with torch.no_grad(), tl.backend_context("pytorch", local_threadsafe=True):
+            (core, factors), _ = partial_tucker(
+                features.detach(), rank=list(ranks), modes=list(_MODES), n_iter_max=n_iter_max, random_state=0
+            )
+            core, factors = fix_signs(core, factors, _MODES)
+        if not (features.requires_grad and torch.is_grad_enabled()):
+            return core
+        return torch.einsum("nchw,ci,hj,wk->nijk", features, *factors)
 
 
 def samplewise_tucker_cores(features: torch.Tensor, ranks: list[int], n_iter_max: int) -> torch.Tensor:

@@ -98,7 +98,10 @@ class _GraphBuilder:
         if method.pre_stage is not None:
             paraphraser = self._stage(
                 "paraphraser", method.pre_stage.kind, [dataset_name, teacher_arch],
-                settings={"dataset": dataset, "teacher_arch": teacher_arch, "method": method_settings},
+                # Only the params the pre-stage depends on: a shared paraphraser must not show the
+                # first FT run's beta or student tap as if they had shaped it.
+                settings={"dataset": dataset, "teacher_arch": teacher_arch, "method": {
+                    "name": method.name, "params": {key: params[key] for key in method.pre_stage.params}}},
                 upstream={"teacher": teacher},
                 runtime=self._runtime(sections["student"]),
                 hashed={"method": method.name, "params": {key: params[key] for key in method.pre_stage.params}},

@@ -16,8 +16,7 @@ from submitit.helpers import Checkpointable
 
 from pipeline.plan import StageSpec
 from pipeline.store import StageFolders
-
-STAGE_KINDS = ("train_teacher", "pretrain_paraphraser", "train_student", "evaluate")
+from pipeline.sweep_schema import STAGE_KINDS
 
 
 def run_stage(spec: StageSpec | Mapping[str, Any], root: str | os.PathLike) -> str:

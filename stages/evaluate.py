@@ -54,8 +54,8 @@ def run(spec: StageSpec, root: Path) -> None:
     if model_folders.best_weights.is_file():
         best_model = load_classifier(model_folders.best_weights, device).model
         best = scores(predict(best_model, data.test_images, batch_size, device), data.test_labels, reference)
-    else:
-        best = last
+    else:  # no validation split (val_fraction 0): there is no best epoch to report, not the last one
+        best = {name: None for name in last}
     result = {
         "model_stage": model_folders.name,
         "arch": trained.arch,

@@ -86,6 +86,7 @@ def run_record(spec: StageSpec, device: torch.device, seed: int | None) -> dict[
             "hostname": socket.gethostname(),
             "seed": seed,
             "threads": torch.get_num_threads(),
+            "amp": use_amp(spec, device),
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
             "pbs_job_id": os.environ.get("PBS_JOBID"),
         },

@@ -43,7 +43,6 @@ def model_state(arch: str, data: DatasetSplits, model: nn.Module, method: nn.Mod
 class TrainedModel:
     arch: str
     model: nn.Module
-    saved: Mapping[str, Any]
 
 
 def load_classifier(weights_file: Path, device: torch.device) -> TrainedModel:
@@ -52,4 +51,4 @@ def load_classifier(weights_file: Path, device: torch.device) -> TrainedModel:
     model = build_model(saved["arch"], num_classes=saved["num_classes"], in_channels=saved["in_channels"])
     model.load_state_dict(saved["model"])
     model.requires_grad_(False)
-    return TrainedModel(saved["arch"], model.to(device).eval(), saved)
+    return TrainedModel(saved["arch"], model.to(device).eval())

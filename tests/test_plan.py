@@ -147,9 +147,11 @@ def test_stage_names_and_settings(plan_of: Callable[..., Plan]) -> None:
     assert student.settings["method"]["params"]["recon_loss"] == "l1"
     assert student.resources == {"time_min": 60, "cpus": 2, "gpus": 0, "mem_gb": 4.0}
     paraphraser = plan.stages[experiment_stage(plan, "ft", "paraphraser_stage")]
+    pre_stage_params = {"paraphraser_epochs", "factor_rate", "teacher_tap"}  # the fake FT's pre_stage list
     assert paraphraser.settings == {
-        "dataset": student.settings["dataset"], "teacher_arch": "resnet32x4", "method": student.settings["method"]
-    }
+        "dataset": student.settings["dataset"], "teacher_arch": "resnet32x4",
+        "method": {"name": "ft", "params": {key: student.settings["method"]["params"][key] for key in pre_stage_params}},
+    }  # only what the paraphraser depends on, not the student-side FT params
     evaluate = plan.stages[experiment_stage(plan, "ft", "evaluate_stage")]
     assert evaluate.settings == {"dataset": student.settings["dataset"], "batch_size": 256}
 

@@ -31,8 +31,8 @@ from pipeline.backends import LIVE_STATES, BackendError
 from pipeline.manifest import Manifest
 from pipeline.plan import Plan, StageSpec
 from pipeline.store import StageFolders
+from pipeline.sweep_schema import STAGE_KINDS
 
-KIND_ORDER = ("train_teacher", "pretrain_paraphraser", "train_student", "evaluate")
 
 
 class Scheduler(Protocol):
@@ -64,7 +64,7 @@ def array_groups(stages: list[StageSpec]) -> list[list[StageSpec]]:
     """Stages split by (kind, resources), in an order where every upstream kind comes first."""
     groups: dict[tuple[int, str], list[StageSpec]] = {}
     for spec in stages:
-        groups.setdefault((KIND_ORDER.index(spec.kind), resource_key(spec.resources)), []).append(spec)
+        groups.setdefault((STAGE_KINDS.index(spec.kind), resource_key(spec.resources)), []).append(spec)
     return [groups[key] for key in sorted(groups)]
 
 
