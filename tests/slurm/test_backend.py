@@ -161,3 +161,27 @@ def test_status_and_cancel_on_a_running_sweep(slurm_cluster, tmp_path: Path) -> 
     rows = {line.split()[0]: line.split()[1] for line in after.stdout.splitlines()[1:-1]}
     assert rows[experiment.teacher_stage] == "cancelled"
     assert rows[experiment.student_stage] == "blocked"
+
+
+def test_preemption_signal_is_checkpointed_requeued_and_resumed(slurm_cluster, tmp_path: Path) -> None:
+    """USR2 is what Slurm sends before a time limit or on preemption (``--signal``); submitit's handler
+    in the job must requeue the StageJob, and the stage must resume from its last epoch checkpoint."""
+    sweep = write_sweep(
+        tmp_path, "slurm-preempt",
+        {"pair": ["resnet56:resnet8x0.25"], "method": ["vanilla"]},
+        {"teacher": {"epochs": 6, "lr_schedule": "cosine"}, "student": {"epochs": 1}},
+    )
+    root = tmp_path / "out"
+    assert runner("submit", str(sweep), "--backend", "slurm", "--root", str(root)).returncode == 0
+    teacher = build_plan(sweep).experiments[0].teacher_stage
+    folders = StageFolders(root, teacher)
+    wait_until(lambda: folders.log.is_file() and len(read_log(folders.logs)["epochs"]) >= 2, 300, "two teacher epochs")
+    entry = Manifest.load(root / "jobs" / "slurm-preempt").stages[teacher]
+    subprocess.run(["scancel", "--signal=USR2", entry["job_id"]], check=True, capture_output=True)
+
+    wait_until(folders.is_done, 600, "the preempted teacher to finish")
+    log = read_log(folders.logs)
+    assert [item["epoch"] for item in log["epochs"]] == [1, 2, 3, 4, 5, 6]
+    assert log["resumed_after_epochs"] and log["resumed_after_epochs"][0] >= 2
+    job_log = Path(entry["stdout"]).read_text() + Path(entry["stderr"]).read_text()
+    assert "Caught signal SIGUSR2" in job_log and "Requeued job" in job_log  # submitit's own handler requeued it
