@@ -18,6 +18,7 @@ import pytest
 
 import runner
 from pipeline.catalogue import load_catalogue
+from pipeline.plan import build_plan
 from pipeline.store import StageFolders
 from tests.conftest import PNG_SIGNATURE, REPO, SweepRun, run_runner, stage_name, write_sweep
 
@@ -167,3 +168,12 @@ def test_a_data_set_without_a_data_root_is_refused_before_submitting(tmp_path: P
     assert result.returncode == 2
     assert result.stderr.startswith(f"error: {sweep}: data_root: data set cifar10 reads files"), result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_readme_sweep_example_is_a_valid_sweep(tmp_path: Path) -> None:
+    readme = (REPO / "README.md").read_text()
+    example = readme.split("## The sweep file", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    sweep = tmp_path / "readme.yaml"
+    sweep.write_text(example)
+    plan = build_plan(sweep)
+    assert len(plan.experiments) == 16  # 1 pair x 4 methods x 2 seeds x 2 student learning rates
