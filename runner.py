@@ -21,7 +21,7 @@ from pipeline.catalogue import CatalogueError  # noqa: E402
 from pipeline.logfiles import LogError  # noqa: E402
 from pipeline.manifest import SubmitLockedError, submit_lock  # noqa: E402
 from pipeline.plan import Plan, StageSpec, build_plan  # noqa: E402
-from pipeline.store import CorruptFileError, StageFolders, read_json  # noqa: E402
+from pipeline.store import CorruptFileError, read_json  # noqa: E402
 from pipeline.sweep import SweepError  # noqa: E402
 from pipeline.sweep_schema import STAGE_KINDS  # noqa: E402
 
@@ -94,23 +94,6 @@ def submit_to_cluster(plan: Plan, root: Path, backend: str) -> None:
     )
 
 
-def current_status(plan: Plan, root: Path) -> list:
-    from pipeline.backends import live_jobs
-    from pipeline.manifest import Manifest
-    from pipeline.status import sweep_status
-
-    return sweep_status(plan, root, Manifest.load(root / "jobs" / plan.sweep_name), live_jobs)
-
-
-def wait_for(plan: Plan, root: Path, poll_seconds: float = 5.0) -> bool:
-    """Polls files and the queue until no stage is queued or running; True if all are done."""
-    while True:
-        statuses = current_status(plan, root)
-        if not any(status.state in ("queued", "running") for status in statuses):
-            return all(status.state == "done" for status in statuses)
-        time.sleep(poll_seconds)
-
-
 def command_submit(args: argparse.Namespace) -> int:
     plan = checked_plan(Path(args.sweep))
     root = output_root(args)
@@ -118,6 +101,8 @@ def command_submit(args: argparse.Namespace) -> int:
         return 0 if run_local(plan, root, args.max_parallel) else 1
     submit_to_cluster(plan, root, args.backend)
     if args.wait:
+        from pipeline.status import wait_for
+
         done = wait_for(plan, root)
         print(("all stages done" if done else "some stages did not finish; see runner.py status") + f": sweep {plan.sweep_name}")
         return 0 if done else 1
@@ -125,7 +110,7 @@ def command_submit(args: argparse.Namespace) -> int:
 
 
 def command_status(args: argparse.Namespace) -> int:
-    from pipeline.status import format_status
+    from pipeline.status import current_status, format_status
 
     statuses = current_status(build_plan(Path(args.sweep)), output_root(args))
     print(format_status(statuses))
@@ -135,6 +120,7 @@ def command_status(args: argparse.Namespace) -> int:
 def command_cancel(args: argparse.Namespace) -> int:
     from pipeline.backends import cancel_jobs
     from pipeline.manifest import Manifest
+    from pipeline.status import current_status
 
     plan = build_plan(Path(args.sweep))
     root = output_root(args)
@@ -202,54 +188,12 @@ def command_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-STANDARD_AXES = ("dataset", "pair", "method", "seed")
-TEACHER_SIDE_AXES = ("teacher.", "data.")
-
-
-def teacher_label(experiment) -> str:
-    """The teacher arch plus the axis values that change the teacher, so teacher ablations stay apart."""
-    extra = [f"{key}={value}" for key, value in experiment.axis_values.items() if key.startswith(TEACHER_SIDE_AXES)]
-    return experiment.teacher + (f" [{', '.join(extra)}]" if extra else "")
-
-
-def method_label(experiment) -> str:
-    """The method plus the other axis values that reach this method's students (not other methods' params)."""
-    extra = [
-        f"{key}={value}" for key, value in experiment.axis_values.items()
-        if key not in STANDARD_AXES and not key.startswith(TEACHER_SIDE_AXES)
-        and (not key.startswith("methods.") or key.split(".")[1] == experiment.method)
-    ]
-    return " ".join([experiment.method, *extra])
-
-
-def report_rows(plan: Plan, root: Path) -> list[dict]:
-    """One row per experiment (student) and per teacher of each pair, with its result.json if DONE."""
-    rows, seen = [], set()
-    for experiment in plan.experiments:
-        base = {"dataset": experiment.dataset, "teacher": teacher_label(experiment), "student": experiment.student}
-        teacher_key = (experiment.teacher_evaluate_stage, base["teacher"], experiment.student)
-        if teacher_key not in seen:
-            seen.add(teacher_key)
-            rows.append(dict(base, method="teacher", seed=0, role="teacher", **stage_result(root, experiment.teacher_evaluate_stage)))
-        label = method_label(experiment)
-        student_key = (experiment.evaluate_stage, base["teacher"], label)
-        if student_key not in seen:  # experiments that differ only in another method's params share this stage
-            seen.add(student_key)
-            rows.append(dict(base, method=label, seed=experiment.seed, role="student", **stage_result(root, experiment.evaluate_stage)))
-    return rows
-
-
-def stage_result(root: Path, evaluate_stage: str) -> dict:
-    folders = StageFolders(root, evaluate_stage)
-    return read_json(folders.result) if folders.is_done() else {}
-
-
 def command_report(args: argparse.Namespace) -> int:
-    from pipeline.report import aggregate, to_markdown, write_report
+    from pipeline.report import aggregate, plan_rows, to_markdown, write_report
 
     root = output_root(args)
     plan = build_plan(Path(args.sweep))
-    table = aggregate(report_rows(plan, root))
+    table = aggregate(plan_rows(plan, root))
     out = Path(args.out) if args.out else root / "logs" / f"report-{plan.sweep_name}"
     written = write_report(table, out)
     print(to_markdown(table))

@@ -9,6 +9,9 @@ Teacher rows are grouped like any other under the pair they carry (``student``);
 two pairs is passed once per pair. Rows that differ only in a hyper-parameter must carry distinct
 ``method`` labels (e.g. "kd T=4"): two results for one seed of one group are refused, not averaged.
 
+``plan_rows`` builds those rows from a plan and the stage files: the pair's teacher label carries
+the teacher-side axis values, a method's label the axis values that reach its students.
+
 Spread is the sample standard deviation (ddof=1). With one finished seed it is undefined, so the table
 shows the value alone and the CSV leaves the std cell empty, rather than a misleading ± 0.00.
 """
@@ -25,6 +28,7 @@ from typing import Any, Iterable, Mapping, NamedTuple
 from matplotlib.figure import Figure
 
 from pipeline import store
+from pipeline.graph import Experiment, Plan
 from pipeline.plots import new_figure, png_bytes
 
 IDENTITY_KEYS = ("dataset", "teacher", "student", "method", "seed", "role")
@@ -211,3 +215,45 @@ def _markdown_line(cells: list[str]) -> str:
 
 def _number(value: float | None) -> float | str:
     return "" if value is None else round(value, 4)
+
+
+STANDARD_AXES = ("dataset", "pair", "method", "seed")
+TEACHER_SIDE_AXES = ("teacher.", "data.")
+
+
+def teacher_label(experiment: Experiment) -> str:
+    """The teacher arch plus the axis values that change the teacher, so teacher ablations stay apart."""
+    extra = [f"{key}={value}" for key, value in experiment.axis_values.items() if key.startswith(TEACHER_SIDE_AXES)]
+    return experiment.teacher + (f" [{', '.join(extra)}]" if extra else "")
+
+
+def method_label(experiment: Experiment) -> str:
+    """The method plus the other axis values that reach this method's students (not other methods' params)."""
+    extra = [
+        f"{key}={value}" for key, value in experiment.axis_values.items()
+        if key not in STANDARD_AXES and not key.startswith(TEACHER_SIDE_AXES)
+        and (not key.startswith("methods.") or key.split(".")[1] == experiment.method)
+    ]
+    return " ".join([experiment.method, *extra])
+
+
+def plan_rows(plan: Plan, root: Path) -> list[dict]:
+    """One row per experiment (student) and per teacher of each pair, with its result.json if DONE."""
+    rows, seen = [], set()
+    for experiment in plan.experiments:
+        base = {"dataset": experiment.dataset, "teacher": teacher_label(experiment), "student": experiment.student}
+        teacher_key = (experiment.teacher_evaluate_stage, base["teacher"], experiment.student)
+        if teacher_key not in seen:
+            seen.add(teacher_key)
+            rows.append(dict(base, method="teacher", seed=0, role="teacher", **stage_result(root, experiment.teacher_evaluate_stage)))
+        label = method_label(experiment)
+        student_key = (experiment.evaluate_stage, base["teacher"], label)
+        if student_key not in seen:  # experiments that differ only in another method's params share this stage
+            seen.add(student_key)
+            rows.append(dict(base, method=label, seed=experiment.seed, role="student", **stage_result(root, experiment.evaluate_stage)))
+    return rows
+
+
+def stage_result(root: Path, evaluate_stage: str) -> dict:
+    folders = store.StageFolders(root, evaluate_stage)
+    return store.read_json(folders.result) if folders.is_done() else {}

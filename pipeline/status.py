@@ -8,12 +8,13 @@ of the submitting process.
 from __future__ import annotations
 
 import os
+import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from pipeline.backends import LIVE_STATES
+from pipeline.backends import LIVE_STATES, live_jobs
 from pipeline.manifest import Manifest
 from pipeline.plan import Plan
 from pipeline.store import StageFolders
@@ -98,3 +99,17 @@ def format_status(statuses: list[StageStatus]) -> str:
         counts[status.state] = counts.get(status.state, 0) + 1
     lines.append(", ".join(f"{count} {state}" for state, count in counts.items()))
     return "\n".join(lines)
+
+
+def current_status(plan: Plan, root: Path) -> list[StageStatus]:
+    """The sweep's status now, asking each backend's queue about its recorded jobs."""
+    return sweep_status(plan, root, Manifest.load(root / "jobs" / plan.sweep_name), live_jobs)
+
+
+def wait_for(plan: Plan, root: Path, poll_seconds: float = 5.0) -> bool:
+    """Polls files and the queue until no stage is queued or running; True if all are done."""
+    while True:
+        statuses = current_status(plan, root)
+        if not any(status.state in ("queued", "running") for status in statuses):
+            return all(status.state == "done" for status in statuses)
+        time.sleep(poll_seconds)
