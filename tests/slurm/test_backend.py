@@ -99,7 +99,16 @@ def test_a_failed_teacher_fails_only_its_own_dependants(slurm_cluster, tmp_path:
     assert f"upstream teacher stage {bad.teacher_stage} is not DONE" in stderr
 
 
-def test_requeued_stage_resumes_and_logs_every_epoch_once(slurm_cluster, tmp_path: Path) -> None:
+@pytest.mark.parametrize("interrupt, job_log_says", [
+    # Slurm requeues the job itself (as an admin or a node failure would).
+    (["scontrol", "requeue"], ()),
+    # USR2 is what Slurm sends before a time limit or on preemption (--signal): submitit's handler
+    # in the job must checkpoint and requeue the StageJob.
+    (["scancel", "--signal=USR2"], ("Caught signal SIGUSR2", "Requeued job")),
+], ids=["scontrol-requeue", "usr2-preemption"])
+def test_interrupted_stage_resumes_and_logs_every_epoch_once(
+    slurm_cluster, tmp_path: Path, interrupt: list[str], job_log_says: tuple[str, ...]
+) -> None:
     sweep = write_sweep(
         tmp_path, "slurm-requeue",
         {"pair": ["resnet56:resnet8x0.25"], "method": ["vanilla"]},
@@ -107,17 +116,18 @@ def test_requeued_stage_resumes_and_logs_every_epoch_once(slurm_cluster, tmp_pat
     )
     root = tmp_path / "out"
     assert runner("submit", str(sweep), "--backend", "slurm", "--root", str(root)).returncode == 0
-    plan = build_plan(sweep)
-    teacher = plan.experiments[0].teacher_stage
+    teacher = build_plan(sweep).experiments[0].teacher_stage
     folders = StageFolders(root, teacher)
     wait_until(lambda: folders.log.is_file() and len(read_log(folders.logs)["epochs"]) >= 2, 300, "two teacher epochs")
-    job_id = Manifest.load(root / "jobs" / "slurm-requeue").stages[teacher]["job_id"]
-    subprocess.run(["scontrol", "requeue", job_id], check=True, capture_output=True)
+    entry = Manifest.load(root / "jobs" / "slurm-requeue").stages[teacher]
+    subprocess.run([*interrupt, entry["job_id"]], check=True, capture_output=True)
 
-    wait_until(folders.is_done, 600, "the requeued teacher to finish")
+    wait_until(folders.is_done, 600, "the interrupted teacher to finish")
     log = read_log(folders.logs)
-    assert [entry["epoch"] for entry in log["epochs"]] == [1, 2, 3, 4, 5, 6]
+    assert [item["epoch"] for item in log["epochs"]] == [1, 2, 3, 4, 5, 6]
     assert log["resumed_after_epochs"] and log["resumed_after_epochs"][0] >= 2
+    job_log = Path(entry["stdout"]).read_text()
+    assert all(line in job_log for line in job_log_says)  # for USR2: submitit's own handler requeued it
 
 
 def test_a_partition_the_cluster_lacks_is_refused_and_rolled_back(slurm_cluster, tmp_path: Path) -> None:
@@ -161,27 +171,3 @@ def test_status_and_cancel_on_a_running_sweep(slurm_cluster, tmp_path: Path) -> 
     rows = {line.split()[0]: line.split()[1] for line in after.stdout.splitlines()[1:-1]}
     assert rows[experiment.teacher_stage] == "cancelled"
     assert rows[experiment.student_stage] == "blocked"
-
-
-def test_preemption_signal_is_checkpointed_requeued_and_resumed(slurm_cluster, tmp_path: Path) -> None:
-    """USR2 is what Slurm sends before a time limit or on preemption (``--signal``); submitit's handler
-    in the job must requeue the StageJob, and the stage must resume from its last epoch checkpoint."""
-    sweep = write_sweep(
-        tmp_path, "slurm-preempt",
-        {"pair": ["resnet56:resnet8x0.25"], "method": ["vanilla"]},
-        {"teacher": {"epochs": 6, "lr_schedule": "cosine"}, "student": {"epochs": 1}},
-    )
-    root = tmp_path / "out"
-    assert runner("submit", str(sweep), "--backend", "slurm", "--root", str(root)).returncode == 0
-    teacher = build_plan(sweep).experiments[0].teacher_stage
-    folders = StageFolders(root, teacher)
-    wait_until(lambda: folders.log.is_file() and len(read_log(folders.logs)["epochs"]) >= 2, 300, "two teacher epochs")
-    entry = Manifest.load(root / "jobs" / "slurm-preempt").stages[teacher]
-    subprocess.run(["scancel", "--signal=USR2", entry["job_id"]], check=True, capture_output=True)
-
-    wait_until(folders.is_done, 600, "the preempted teacher to finish")
-    log = read_log(folders.logs)
-    assert [item["epoch"] for item in log["epochs"]] == [1, 2, 3, 4, 5, 6]
-    assert log["resumed_after_epochs"] and log["resumed_after_epochs"][0] >= 2
-    job_log = Path(entry["stdout"]).read_text() + Path(entry["stderr"]).read_text()
-    assert "Caught signal SIGUSR2" in job_log and "Requeued job" in job_log  # submitit's own handler requeued it
