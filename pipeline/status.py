@@ -7,7 +7,6 @@ of the submitting process.
 """
 from __future__ import annotations
 
-import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -32,20 +31,6 @@ class StageStatus:
     state: str  # done | running | queued | failed | cancelled | blocked | not submitted
     job_id: str = ""
     detail: str = ""
-
-
-def local_live_jobs(job_ids: list[str]) -> dict[str, str]:
-    """Local jobs are processes of this machine: alive means running."""
-    states = {}
-    for job_id in job_ids:
-        try:
-            os.kill(int(job_id), 0)
-        except (ProcessLookupError, ValueError):
-            continue
-        except PermissionError:
-            pass
-        states[job_id] = "RUNNING"
-    return states
 
 
 def stderr_tail(path: str | None, lines: int = 3) -> str:

@@ -41,10 +41,22 @@ def cluster_scheduler(name: str) -> "Scheduler":
 def live_jobs(backend: str, job_ids: list[str]) -> dict[str, str]:
     """Jobs of ``backend`` still queued or running, with their scheduler state."""
     if backend == "local":
-        from pipeline.status import local_live_jobs
-
         return local_live_jobs(job_ids)
     return cluster_scheduler(backend).live_jobs(job_ids)
+
+
+def local_live_jobs(job_ids: list[str]) -> dict[str, str]:
+    """Local jobs are processes of this machine (submitit's job id is the pid): alive means running."""
+    states = {}
+    for job_id in job_ids:
+        try:
+            os.kill(int(job_id), 0)
+        except (ProcessLookupError, ValueError):
+            continue
+        except PermissionError:
+            pass
+        states[job_id] = "RUNNING"
+    return states
 
 
 def cancel_jobs(backend: str, job_ids: list[str]) -> None:
