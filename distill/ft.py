@@ -4,9 +4,26 @@ Transfer", NeurIPS 2018).
 The teacher's feature map is first "paraphrased": a convolutional autoencoder (the paraphraser) is
 trained to reconstruct it, and its bottleneck output is the teacher factor. The paraphraser is then
 frozen, and a translator on the student's feature map is trained with the student so that the
-L2-normalised student factor matches the teacher factor in p-norm (taken per entry, see
-``factor_distance``). This is the paper's spatial factor, not the channel-pooled attention
-shortcut some frameworks ship under the same name.
+L2-normalised student factor matches the teacher factor (``ft_term``). The whole factor is compared,
+as in the paper, not the channel average of its square that RepDistiller's distiller_zoo/FT.py
+normalises and compares under the same name.
+
+What we follow is the authors' released code (github.com/Jangho-Kim/Factor-Transfer-pytorch):
+
+* Models/FeatureProjection.py: the paraphraser's encoder is 3x3 convolutions C -> C -> kC -> kC, its
+  decoder 3x3 transposed convolutions kC -> kC -> C -> C, all stride 1, padding 1, with bias, each
+  followed by LeakyReLU(0.1) (the decoder's last one too); the translator is the encoder's
+  structure on the student's map. The batch norms there are commented out, so ``batch_norm`` is off
+  by default (RepDistiller's models/util.py has none in its paraphraser either, but puts them in
+  its translator by default).
+* train_student.py and utils.py: the FT term is BETA x nn.L1Loss(F.normalize(factor_s.view(N, -1)),
+  F.normalize(factor_t.view(N, -1))) with BETA 500, i.e. beta times the mean absolute difference
+  over the batch and every factor entry, next to a cross-entropy of weight 1 (``form: code``). The
+  paper writes beta/2 x the p-norm of the difference per sample instead (``form: paper``); for
+  p = 1 that is D/2 times the code's term for factors of D entries, so a beta tuned for one form
+  does not carry over: with beta 500 the paper form on a resnet32x4 layer3 factor (D = 512) starts
+  near 5,000 and diverged in a trial run. (RepDistiller's scripts give its own distance weight 200.)
+* train_Paraphraser.py: the paraphraser is trained with nn.L1Loss (``recon_loss: l1``).
 
 The paraphraser is trained by a pre-stage; this file gives that stage what it needs:
 ``build_paraphraser``, ``reconstruction_loss`` and the file layout
@@ -32,14 +49,14 @@ METHOD = {
         "teacher_tap": {"default": "layer3", "tap": "teacher", "help": "teacher feature map the paraphraser encodes"},
         "student_tap": {"default": "layer3", "tap": "student", "help": "student feature map the translator encodes"},
         "factor_rate": {"default": 0.5, "min": 0.01, "help": "paraphrase rate k: factor channels = round(teacher channels x k)"},
-        "batch_norm": {"default": True, "help": "batch norm after each paraphraser and translator convolution"},
+        "batch_norm": {"default": False, "help": "batch norm after each paraphraser and translator convolution (the authors' code has none)"},
         "recon_loss": {"default": "l1", "choices": ["l1", "l2"], "help": "paraphraser reconstruction loss"},
         "paraphraser_epochs": {"type": "int", "required": True, "min": 1, "help": "epochs of paraphraser training"},
         "paraphraser_lr": {"default": 0.1, "min": 0.0, "help": "learning rate of the paraphraser pre-stage"},
         "paraphraser_batch_size": {"default": 64, "min": 1, "help": "batch size of the paraphraser pre-stage"},
-        "p": {"default": 1, "choices": [1, 2], "help": "norm of the factor difference (the paper uses 1)"},
-        "beta": {"default": 500.0, "min": 0.0, "help": "FT term = beta / 2 x per-entry p-norm distance of the normalised factors"},
-        "per_entry": {"default": True, "help": "divide the p-norm by D^(1/p), the scale beta=500 was set for; false: the plain norm"},
+        "form": {"default": "code", "choices": ["code", "paper"], "help": "FT term of the authors' code: beta x mean |u_t - u_s| over batch and entries; of the paper: beta / 2 x ||u_t - u_s||_p per sample, batch-averaged (u: L2-normalised factors)"},
+        "p": {"default": 1, "choices": [1, 2], "help": "norm of the factor difference in the paper form (the paper uses 1); the code form is always the mean absolute difference"},
+        "beta": {"default": 500.0, "min": 0.0, "help": "weight of the FT term (500 in the authors' code, set for the code form)"},
         "ce_weight": {"default": 1.0, "min": 0.0, "help": "weight of the cross-entropy on labels"},
     },
     "pre_stage": {
@@ -118,23 +135,20 @@ def reconstruction_loss(reconstruction: torch.Tensor, features: torch.Tensor, ki
     raise ValueError(f"recon_loss must be 'l1' or 'l2', got {kind!r}")
 
 
-def factor_distance(student_factor: torch.Tensor, teacher_factor: torch.Tensor, p: int, per_entry: bool = True) -> torch.Tensor:
-    """|| F_T/||F_T||_2 - F_S/||F_S||_2 ||_p / D^(1/p) per sample (factors flattened to D entries),
-    averaged over the batch.
+def ft_term(student_factor: torch.Tensor, teacher_factor: torch.Tensor, beta: float, form: str, p: int) -> torch.Tensor:
+    """The FT loss term on factors (N, ...), each sample flattened and scaled to unit L2 norm (u_s, u_t).
 
-    The paper writes the plain p-norm; dividing by D^(1/p) (the norm of a difference of all ones)
-    measures it per entry, so beta means the same for any tap size. For p = 1 this is the mean
-    absolute difference that the authors' released code computes, which is the scale their
-    beta = 500 belongs to: with the plain norm, a resnet32x4 layer3 factor (D = 512) puts the FT
-    term near 5,000 at initialisation, and the student's cross-entropy diverged in a trial run.
-    ``per_entry=False`` gives the equation's plain p-norm, for a beta chosen for it.
+    ``form="code"``: beta x mean |u_t - u_s| over the batch and all entries, as the authors' code
+    computes it. ``form="paper"``: beta / 2 x ||u_t - u_s||_p per sample, averaged over the batch.
     """
     # In float32 even under autocast: half precision would round beta x a small distance too coarsely.
     student_unit = F.normalize(student_factor.flatten(1).float(), p=2, dim=1)
     teacher_unit = F.normalize(teacher_factor.flatten(1).float(), p=2, dim=1)
-    norms = torch.linalg.vector_norm(teacher_unit - student_unit, ord=p, dim=1)
-    scale = student_unit.shape[1] ** (1 / p) if per_entry else 1.0
-    return norms.mean() / scale
+    if form == "code":
+        return beta * (teacher_unit - student_unit).abs().mean()
+    if form == "paper":
+        return beta / 2 * torch.linalg.vector_norm(teacher_unit - student_unit, ord=p, dim=1).mean()
+    raise ValueError(f"form must be 'code' or 'paper', got {form!r}")
 
 
 @register_method
@@ -188,8 +202,7 @@ class FT(Method):
         with torch.no_grad():
             teacher_factor = self.paraphraser.encode(teacher.features[self.params["teacher_tap"]])
         student_factor = self.translator(student.features[self.params["student_tap"]])
-        distance = factor_distance(student_factor, teacher_factor, self.params["p"], self.params["per_entry"])
         return {
             "ce": self.params["ce_weight"] * F.cross_entropy(student.logits, batch.labels),
-            "ft": self.params["beta"] / 2 * distance,
+            "ft": ft_term(student_factor, teacher_factor, self.params["beta"], self.params["form"], self.params["p"]),
         }

@@ -124,6 +124,7 @@ class _SweepChecker:
         axes = self._axes(top.get("axes"))
         defaults = self._defaults(top.get("defaults"))
         self._check_used_methods(axes, defaults)
+        self._check_milestones(axes, defaults)
         resources = self._resources(top.get("resources"))
         return Sweep(name, self.file, data_root, axes, defaults, resources)
 
@@ -262,6 +263,22 @@ class _SweepChecker:
                         arch = teacher if field.tap == "teacher" else student
                         self._tap(where, field, item, arch)
 
+    def _check_milestones(self, axes: Mapping[str, tuple], defaults: Mapping[str, Mapping[str, Any]]) -> None:
+        """Explicit step milestones increase and lie in 1..epochs, for every epochs they are planned with."""
+        for section in ("teacher", "student"):
+            all_epochs = [epochs for _, epochs in _section_values(axes, defaults, section, "epochs")]
+            for where, milestones in _section_values(axes, defaults, section, "milestones"):
+                if milestones is None:
+                    continue
+                for epochs in all_epochs:
+                    allowed = [f"increasing epochs in 1..{epochs} ({section}.epochs)", "null (the recipe's, scaled)"]
+                    for index, milestone in enumerate(milestones):
+                        if index and milestone <= milestones[index - 1]:
+                            problem = f"{milestone} does not increase on {milestones[index - 1]}"
+                            raise self._error(f"{where}[{index}]", problem, allowed)
+                        if milestone > epochs:
+                            raise self._error(f"{where}[{index}]", f"{milestone} is beyond the {epochs} epochs", allowed)
+
     def _tap(self, where: str, field: Field, value: Any, arch: str) -> None:
         if value is None:
             return
@@ -282,3 +299,13 @@ class _SweepChecker:
         built_in = {key: field.default for key, field in RESOURCE_FIELDS.items() if field.default is not None}
         merged = {kind: {**built_in, **given.get("default", {}), **given.get(kind, {})} for kind in STAGE_KINDS}
         return {kind: {key: item for key, item in request.items() if item is not None} for kind, request in merged.items()}
+
+
+def _section_values(
+    axes: Mapping[str, tuple], defaults: Mapping[str, Mapping[str, Any]], section: str, key: str
+) -> list[tuple[str, Any]]:
+    """(where, value) for ``section.key``: each value of its axis, or else the one value under defaults."""
+    axis = f"{section}.{key}"
+    if axis in axes:
+        return [(f"axes.{axis}[{index}]", value) for index, value in enumerate(axes[axis])]
+    return [(f"defaults.{axis}", defaults[section][key])]

@@ -1,9 +1,9 @@
 """Every key a sweep file may set outside method params, with its type, limits and built-in default.
 
 The defaults make a sweep of a name and three axes complete; they follow the CIFAR distillation
-benchmarks (SGD, lr 0.05, batch 64, weight decay 5e-4). ``RUNTIME_KEYS`` say where a job runs,
-not what it computes, so they are kept out of stage hashes: moving a run from CPU to GPU must not
-retrain anything.
+benchmarks (CRD's RepDistiller: SGD, lr 0.05, batch 64, weight decay 5e-4, 240 epochs, lr x0.1
+after epochs 150, 180 and 210). ``RUNTIME_KEYS`` say where a job runs, not what it computes, so
+they are kept out of stage hashes: moving a run from CPU to GPU must not retrain anything.
 """
 from __future__ import annotations
 
@@ -28,6 +28,12 @@ _TRAINING = {
     "momentum": Field("float", 0.9, min=0.0, max=1.0),
     "weight_decay": Field("float", 5e-4, min=0.0),
     "lr_schedule": Field("str", "step", choices=("cosine", "step", "constant")),
+    "milestones": Field(
+        "list", None, item_type="int", min=1,
+        help="step schedule: epochs after which the lr drops by gamma, increasing, each in 1..epochs; "
+             "null: the CRD recipe's 150, 180, 210 of 240 epochs, scaled to epochs (halves round up)",
+    ),
+    "gamma": Field("float", 0.1, min=0.0, max=1.0, help="step schedule: factor of each lr drop"),
     "label_smoothing": Field("float", 0.0, min=0.0, max=1.0),
     "augment": Field("bool", True),
     "device": Field("str", "auto", choices=DEVICES),

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from distill.base import Batch, MethodConfigError, MethodContext, ModelOutput, method_class
-from distill.ft import PARAPHRASER_FILE, build_paraphraser, factor_distance, reconstruction_loss
-from distill.tucker import fix_signs, samplewise_tucker_cores, tucker_cores
+from distill.ft import PARAPHRASER_FILE, build_paraphraser, ft_term, reconstruction_loss
+from distill.tucker import aligned_l1, fix_signs, samplewise_tucker_cores, tucker_cores
 
 METHOD_NAMES = ("vanilla", "kd", "ft", "tucker")
 DISTILL_DIR = Path(__file__).resolve().parent.parent / "distill"
@@ -89,27 +90,41 @@ def test_kd_is_weighted_t_squared_kl_plus_weighted_cross_entropy() -> None:
     assert terms["ce"].item() == pytest.approx(0.1 * 0.7531091, abs=1e-6)
 
 
-def test_factor_distance_normalises_each_sample_then_takes_the_per_entry_p_norm() -> None:
-    # sample 1: s = [3, 4] -> [.6, .8], t = [0, 2] -> [0, 1]; difference [.6, -.2]: L1 .8, L2 sqrt(.4).
-    # sample 2: s = [1, 0], t = [0, 5] -> [0, 1]; difference [1, -1]: L1 2, L2 sqrt(2).
-    # D = 2 entries: L1 / 2 -> (.4 + 1) / 2 = .7; L2 / sqrt(2) -> (sqrt(.2) + 1) / 2.
-    student = torch.tensor([[3.0, 4.0], [1.0, 0.0]]).reshape(2, 2, 1, 1)
-    teacher = torch.tensor([[0.0, 2.0], [0.0, 5.0]]).reshape(2, 2, 1, 1)
-    assert factor_distance(student, teacher, 1).item() == pytest.approx(0.7)
-    assert factor_distance(student, teacher, 2).item() == pytest.approx((math.sqrt(0.2) + 1) / 2)
-    # The paper's plain p-norm (per_entry=False): mean over samples of .8 and 2 -> 1.4 for L1.
-    assert factor_distance(student, teacher, 1, per_entry=False).item() == pytest.approx(1.4)
-    assert factor_distance(student, teacher, 2, per_entry=False).item() == pytest.approx((math.sqrt(0.4) + math.sqrt(2)) / 2)
+# Two samples of 4 factor entries, normalised by hand:
+#   sample 1: s = [1, 2, 2, 4] / 5 = [.2, .4, .4, .8], t = [2, 0, 0, 0] / 2 = [1, 0, 0, 0];
+#             t - s = [.8, -.4, -.4, -.8]: L1 2.4, L2 sqrt(1.6)
+#   sample 2: s = [1, 1, 1, 1] / 2 = [.5, .5, .5, .5], t = [0, 3, 0, 4] / 5 = [0, .6, 0, .8];
+#             t - s = [-.5, .1, -.5, .3]: L1 1.4, L2 sqrt(.6)
+FT_STUDENT = [[1.0, 2.0, 2.0, 4.0], [1.0, 1.0, 1.0, 1.0]]
+FT_TEACHER = [[2.0, 0.0, 0.0, 0.0], [0.0, 3.0, 0.0, 4.0]]
 
 
-def test_ft_term_is_half_beta_times_the_factor_distance() -> None:
-    method = method_class("ft")(defaults("ft", factor_rate=1.0, beta=500.0, ce_weight=1.0), context((2, 1, 1), (2, 1, 1)))
+def test_ft_code_form_is_beta_times_the_mean_absolute_difference_over_batch_and_entries() -> None:
+    # The authors' train_student.py: BETA x nn.L1Loss(F.normalize(s.view(N, -1)), F.normalize(t.view(N, -1))).
+    # L1Loss averages all 8 entries: (2.4 + 1.4) / 8 = .475, x 500 = 237.5 (p plays no part).
+    student, teacher = torch.tensor(FT_STUDENT).reshape(2, 1, 2, 2), torch.tensor(FT_TEACHER).reshape(2, 1, 2, 2)
+    for p in (1, 2):
+        assert ft_term(student, teacher, 500.0, "code", p).item() == pytest.approx(500 * 3.8 / 8)
+
+
+def test_ft_paper_form_is_half_beta_times_the_per_sample_p_norm_averaged_over_the_batch() -> None:
+    # beta / 2 x ||u_t - u_s||_p per sample, then the batch mean: p=1 250 x (2.4 + 1.4) / 2 = 475;
+    # p=2 250 x (sqrt(1.6) + sqrt(.6)) / 2 = 254.94.
+    student, teacher = torch.tensor(FT_STUDENT).reshape(2, 4, 1, 1), torch.tensor(FT_TEACHER).reshape(2, 4, 1, 1)
+    assert ft_term(student, teacher, 500.0, "paper", 1).item() == pytest.approx(250 * 1.9)
+    assert ft_term(student, teacher, 500.0, "paper", 2).item() == pytest.approx(250 * (math.sqrt(1.6) + math.sqrt(0.6)) / 2)
+    with pytest.raises(ValueError):
+        ft_term(student, teacher, 500.0, "per_entry", 1)
+
+
+def test_ft_defaults_are_the_authors_code_term_with_beta_500_and_a_unit_cross_entropy() -> None:
+    method = method_class("ft")(defaults("ft", factor_rate=1.0), context((4, 1, 1), (4, 1, 1)))
     method.translator = nn.Identity()
     method.paraphraser.encoder = nn.Identity()
-    student = ModelOutput(torch.zeros(2, 3), {"layer3": torch.tensor([[3.0, 4.0], [1.0, 0.0]]).reshape(2, 2, 1, 1)})
-    teacher = ModelOutput(torch.zeros(2, 3), {"layer3": torch.tensor([[0.0, 2.0], [0.0, 5.0]]).reshape(2, 2, 1, 1)})
+    student = ModelOutput(torch.zeros(2, 3), {"layer3": torch.tensor(FT_STUDENT).reshape(2, 4, 1, 1)})
+    teacher = ModelOutput(torch.zeros(2, 3), {"layer3": torch.tensor(FT_TEACHER).reshape(2, 4, 1, 1)})
     terms = method.loss(student, teacher, Batch(torch.zeros(2), torch.tensor([0, 1])))
-    assert terms["ft"].item() == pytest.approx(250.0 * 0.7)
+    assert terms["ft"].item() == pytest.approx(237.5)  # the old default, beta / 2 x the same mean, gave 118.75
     assert terms["ce"].item() == pytest.approx(math.log(3))
 
 
@@ -133,8 +148,24 @@ def test_paraphraser_encodes_to_round_c_times_rate_channels_and_reconstructs_the
     assert [type(module) for module in convolutions] == [nn.Conv2d] * 3 + [nn.ConvTranspose2d] * 3
 
 
+def test_paraphraser_and_translator_are_the_authors_layers_without_batch_norm_by_default() -> None:
+    # Models/FeatureProjection.py: 3x3 stride-1 convolutions with bias, each followed by LeakyReLU(0.1),
+    # encoder C -> C -> kC -> kC, decoder kC -> kC -> C -> C; the translator is the encoder's shape.
+    method = method_class("ft")(defaults("ft"), context((8, 2, 2), (6, 2, 2)))
+    layers = [*method.paraphraser.modules(), *method.translator.modules()]
+    assert not any(isinstance(module, nn.BatchNorm2d) for module in layers)
+    convolutions = [module for module in layers if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d))]
+    assert [(module.in_channels, module.out_channels) for module in convolutions] == [
+        (8, 8), (8, 4), (4, 4), (4, 4), (4, 8), (8, 8), (6, 6), (6, 4), (4, 4)]
+    assert all(module.kernel_size == (3, 3) and module.stride == (1, 1) and module.padding == (1, 1)
+               and module.bias is not None for module in convolutions)
+    assert [module.negative_slope for module in layers if isinstance(module, nn.LeakyReLU)] == [0.1] * 9
+    with_batch_norm = method_class("ft")(defaults("ft", batch_norm=True), context((8, 2, 2), (6, 2, 2)))
+    assert sum(isinstance(module, nn.BatchNorm2d) for module in with_batch_norm.modules()) == 9
+
+
 def test_ft_loads_the_pre_stage_paraphraser_frozen_and_keeps_it_frozen_in_train_mode(tmp_path: Path) -> None:
-    params = defaults("ft")
+    params = defaults("ft", batch_norm=True)  # with batch norm, so its running statistics can be watched
     trained = build_paraphraser((4, 2, 2), params)
     with torch.no_grad():
         for parameter in trained.parameters():
@@ -149,6 +180,7 @@ def test_ft_loads_the_pre_stage_paraphraser_frozen_and_keeps_it_frozen_in_train_
     assert not any(module.training for module in method.paraphraser.modules())
     assert not any(parameter.requires_grad for parameter in method.paraphraser.parameters())
     running_means = [module.running_mean.clone() for module in method.paraphraser.modules() if isinstance(module, nn.BatchNorm2d)]
+    assert len(running_means) == 6
     method.loss(ModelOutput(torch.zeros(3, 3), {"layer3": torch.randn(3, 6, 2, 2)}),
                 ModelOutput(torch.zeros(3, 3), {"layer3": torch.randn(3, 4, 2, 2)}), Batch(torch.zeros(3), torch.tensor([0, 1, 2])))
     after = [module.running_mean for module in method.paraphraser.modules() if isinstance(module, nn.BatchNorm2d)]
@@ -180,29 +212,64 @@ def known_tucker_batch(scales: torch.Tensor, generator: torch.Generator) -> tupl
     return torch.einsum("nijk,ci,hj,wk->nchw", core, *factors), core, factors
 
 
-def test_full_mode_recovers_a_known_core_up_to_the_sign_rule() -> None:
+def test_full_mode_recovers_a_known_core_with_spatial_signs_fixed_and_channel_signs_left_open() -> None:
     generator = torch.Generator().manual_seed(0)
     scales = torch.tensor([[5.0, 3.0, 1.0], [4.0, -2.0, 0.5]], dtype=torch.float64)
-    features, core, factors = known_tucker_batch(scales, generator)
-    expected, _ = fix_signs(core, factors, (1, 2, 3))
-    assert torch.allclose(tucker_cores(features, [3, 3, 3], n_iter_max=3), expected.float(), atol=1e-5)
+    features, core, (_, height, width) = known_tucker_batch(scales, generator)
+    # The spatial rule: negate core slice j along a spatial mode where column j's largest entry is negative.
+    height_signs = torch.sign(height.gather(0, height.abs().argmax(0, keepdim=True)))[0]
+    width_signs = torch.sign(width.gather(0, width.abs().argmax(0, keepdim=True)))[0]
+    expected = core * height_signs.view(1, 1, 3, 1) * width_signs.view(1, 1, 1, 3)
+    found = tucker_cores(features, [3, 3, 3], n_iter_max=3)
+    channel_signs = torch.sign((found * expected).sum(dim=(0, 2, 3)))  # a channel slice may come negated
+    assert torch.allclose(found * channel_signs.view(1, 3, 1, 1), expected, atol=1e-10)
 
 
-def test_sign_rule_gives_equivalent_decompositions_the_same_core() -> None:
-    generator = torch.Generator().manual_seed(1)
-    core = torch.randn(2, 3, 2, 2, generator=generator, dtype=torch.float64)
-    factors = [orthonormal(6, 3, generator), orthonormal(4, 2, generator), orthonormal(5, 2, generator)]
-    flipped_core, flipped_factors = core.clone(), [factor.clone() for factor in factors]
-    flipped_core[:, 1] *= -1  # channel column 1 and its core slice flipped together: the same tensor
-    flipped_factors[0][:, 1] *= -1
-    flipped_core[:, :, :, 0] *= -1
-    flipped_factors[2][:, 0] *= -1
-    reference = torch.einsum("nijk,ci,hj,wk->nchw", core, *factors)
-    assert torch.allclose(torch.einsum("nijk,ci,hj,wk->nchw", flipped_core, *flipped_factors), reference)
-    fixed, fixed_factors = fix_signs(core, factors, (1, 2, 3))
-    fixed_flipped, fixed_flipped_factors = fix_signs(flipped_core, flipped_factors, (1, 2, 3))
-    assert torch.allclose(fixed, fixed_flipped)
-    assert all(torch.allclose(a, b) for a, b in zip(fixed_factors, fixed_flipped_factors))
+def test_spatial_sign_rule_makes_each_columns_largest_entry_positive() -> None:
+    factor = torch.tensor([[0.6, -0.1], [-0.8, 0.3], [0.0, -0.9]])
+    assert torch.equal(fix_signs(factor), torch.tensor([[-0.6, 0.1], [0.8, -0.3], [0.0, 0.9]]))
+    assert torch.equal(fix_signs(-factor), fix_signs(factor))
+
+
+def test_aligned_l1_compares_each_channel_slice_as_is_or_negated_whichever_is_closer() -> None:
+    # Cores (N=2, rc=2, 1, 2). Sample 1: slice 0 |s - t| = 0 + 1 = 1, |s + t| = 2 + 3 = 5;
+    # slice 1 |s - t| = 6 + 2 = 8, |s + t| = 0. Sample 2: slice 0 2 vs 0; slice 1 0 vs 2.
+    student = torch.tensor([[[[1.0, 2.0]], [[3.0, -1.0]]], [[[1.0, 0.0]], [[0.0, 1.0]]]])
+    teacher = torch.tensor([[[[1.0, 1.0]], [[-3.0, 1.0]]], [[[-1.0, 0.0]], [[0.0, 1.0]]]])
+    # Full mode: one sign per channel column for the batch: min(1 + 2, 5 + 0) + min(8 + 0, 0 + 2) = 5, / 8 entries.
+    assert aligned_l1(student, teacher, per_sample=False).item() == pytest.approx(5 / 8)
+    # Samplewise: one per sample and column: min(1, 5) + min(8, 0) + min(2, 0) + min(0, 2) = 1, / 8.
+    assert aligned_l1(student, teacher, per_sample=True).item() == pytest.approx(1 / 8)
+    assert aligned_l1(student, -student, per_sample=False).item() == 0.0
+
+
+@pytest.mark.parametrize("mode", ["full", "samplewise"])
+def test_tucker_scores_a_student_equal_to_its_teacher_exactly_zero(mode: str) -> None:
+    # Both cores are the same projection now; the old teacher core (tensorly's own) left 1.9e-7 here in full mode.
+    method = method_class("tucker")(defaults("tucker", mode=mode), context((8, 4, 4), (8, 4, 4)))
+    assert isinstance(method.projection, nn.Identity)
+    features = torch.randn(6, 8, 4, 4, generator=torch.Generator().manual_seed(3))
+    terms = method.loss(ModelOutput(torch.zeros(6, 3), {"layer3": features.clone().requires_grad_()}),
+                        ModelOutput(torch.zeros(6, 3), {"layer3": features}), Batch(torch.zeros(6), torch.zeros(6, dtype=torch.long)))
+    assert terms["tucker"].item() == 0.0
+
+
+@pytest.mark.parametrize("mode", ["full", "samplewise"])
+def test_tucker_scores_a_channel_rotated_copy_of_the_teacher_near_zero(mode: str) -> None:
+    # The student's map is the teacher's with its channels mixed by an orthogonal Q, a change of basis
+    # that a 1x1 projection could undo. In float64 the term comes out near 3e-14 in both modes; the old
+    # rule, signs read off each channel factor column, scored this 1.80 (full) and 1.29 (samplewise).
+    generator = torch.Generator().manual_seed(0)
+    teacher_features = torch.randn(6, 8, 4, 4, generator=generator, dtype=torch.float64)
+    rotation = torch.linalg.qr(torch.randn(8, 8, generator=generator, dtype=torch.float64))[0]
+    student_features = torch.einsum("dc,nchw->ndhw", rotation, teacher_features)
+    method = method_class("tucker")(defaults("tucker", mode=mode), context((8, 4, 4), (8, 4, 4)))
+    terms = method.loss(ModelOutput(torch.zeros(6, 3), {"layer3": student_features.requires_grad_()}),
+                        ModelOutput(torch.zeros(6, 3), {"layer3": teacher_features}), Batch(torch.zeros(6), torch.zeros(6, dtype=torch.long)))
+    assert terms["tucker"].item() < 1e-10
+    # The cores do differ by channel-slice signs: compared without the alignment they are far apart.
+    with torch.no_grad():
+        assert F.l1_loss(method.cores(student_features), method.cores(teacher_features)).item() > 0.05
 
 
 def test_full_mode_keeps_samples_separate() -> None:
