@@ -18,10 +18,12 @@ sys.path.insert(0, str(REPO))
 from data.errors import DatasetError  # noqa: E402
 from pipeline.backends import BackendError  # noqa: E402
 from pipeline.catalogue import CatalogueError  # noqa: E402
+from pipeline.leases import LeaseLostError, live_lease  # noqa: E402
 from pipeline.logfiles import LogError  # noqa: E402
 from pipeline.manifest import SubmitLockedError, submit_lock  # noqa: E402
+from pipeline.pending import PreflightVerdicts, stages_to_run  # noqa: E402
 from pipeline.plan import Plan, StageSpec, build_plan  # noqa: E402
-from pipeline.store import CorruptFileError, read_json  # noqa: E402
+from pipeline.store import CorruptFileError, StageFolders, read_json  # noqa: E402
 from pipeline.sweep import SweepError  # noqa: E402
 from pipeline.sweep_schema import STAGE_KINDS  # noqa: E402
 
@@ -44,31 +46,55 @@ def command_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_local(plan: Plan, root: Path, max_parallel: int | None) -> bool:
+def run_local(plan: Plan, root: Path, to_run: dict[str, str], max_parallel: int | None) -> bool:
     from pipeline.backends.local import LocalBackend
     from stages import StageJob
 
     export_repo_path()
-    cpus = max(int(spec.resources.get("cpus", 1)) for spec in plan.stages.values())
+    cpus = max(int(plan.stages[name].resources.get("cpus", 1)) for name in to_run)
     parallel = max_parallel or max(1, (os.cpu_count() or 1) // cpus)
     jobs_dir = root / "jobs" / plan.sweep_name
-    with submit_lock(jobs_dir):
-        print(f"running {len(plan.stages)} stages of sweep {plan.sweep_name!r} locally, {parallel} at a time; job logs in {jobs_dir}")
-        outcomes = LocalBackend(root, jobs_dir, StageJob(), parallel).run(plan)
+    print(
+        f"running {len(to_run)} of {len(plan.stages)} stages of sweep {plan.sweep_name!r} locally, {parallel} at a time; "
+        f"each job's stdout/stderr in {jobs_dir / 'local'}/<job id>/"
+    )
+    outcomes = LocalBackend(root, jobs_dir, StageJob(), parallel).run(plan, to_run)
     failed = [outcome for outcome in outcomes if outcome.state in ("failed", "cancelled", "blocked")]
     for outcome in failed:
         print(f"{outcome.state}: {outcome.name}: {outcome.error}", file=sys.stderr)
     return not failed
 
 
-def checked_plan(sweep: Path) -> Plan:
-    """The plan, with method settings also checked against real tap shapes (imports torch)."""
+def preflight(plan: Plan, root: Path, names: list[str]) -> None:
+    """Checks method settings against real tap shapes (imports torch) for stages not checked before."""
+    verdicts = PreflightVerdicts(root)
+    unchecked = verdicts.unchecked(plan, names)
+    if not unchecked:
+        return
     from pipeline.catalogue import load_catalogue
     from stages.preflight import check_methods
 
-    plan = build_plan(sweep)
-    check_methods(plan, load_catalogue())
-    return plan
+    check_methods(plan, load_catalogue(), unchecked)
+    verdicts.accept(plan, unchecked)
+
+
+def run_sweep(plan: Plan, root: Path, backend: str, max_parallel: int | None = None) -> bool | None:
+    """Under the sweep's submit lock: what must run (torch-free), preflight, then the backend.
+
+    Returns None when every stage was already DONE (nothing imported torch), else whether all went
+    well (local) or the submission went out (cluster).
+    """
+    jobs_dir = root / "jobs" / plan.sweep_name
+    with submit_lock(jobs_dir):
+        to_run = stages_to_run(plan, root)
+        if not to_run:
+            print(f"nothing to do: all {len(plan.stages)} stages of sweep {plan.sweep_name!r} are DONE (verified)")
+            return None
+        preflight(plan, root, list(to_run))
+        if backend == "local":
+            return run_local(plan, root, to_run, max_parallel)
+        submit_to_cluster(plan, root, backend, jobs_dir)
+        return True
 
 
 def export_repo_path() -> None:
@@ -76,17 +102,15 @@ def export_repo_path() -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
 
-def submit_to_cluster(plan: Plan, root: Path, backend: str) -> None:
+def submit_to_cluster(plan: Plan, root: Path, backend: str, jobs_dir: Path) -> None:
     from pipeline.backends import cluster_scheduler
     from pipeline.backends.cluster import ClusterBackend
     from stages import StageJob
 
     export_repo_path()
     scheduler = cluster_scheduler(backend)
-    jobs_dir = root / "jobs" / plan.sweep_name
     started = time.perf_counter()
-    with submit_lock(jobs_dir):
-        summary = ClusterBackend(scheduler, root, jobs_dir, StageJob()).submit(plan)
+    summary = ClusterBackend(scheduler, root, jobs_dir, StageJob()).submit(plan)
     print(
         f"{backend}: submitted {len(summary.submitted)} stage(s) in {summary.arrays} array(s); "
         f"{len(summary.skipped_done)} already DONE, {len(summary.skipped_live)} still queued or running; "
@@ -95,11 +119,13 @@ def submit_to_cluster(plan: Plan, root: Path, backend: str) -> None:
 
 
 def command_submit(args: argparse.Namespace) -> int:
-    plan = checked_plan(Path(args.sweep))
+    plan = build_plan(Path(args.sweep))
     root = output_root(args)
+    outcome = run_sweep(plan, root, args.backend, args.max_parallel)
+    if outcome is None:
+        return 0
     if args.backend == "local":
-        return 0 if run_local(plan, root, args.max_parallel) else 1
-    submit_to_cluster(plan, root, args.backend)
+        return 0 if outcome else 1
     if args.wait:
         from pipeline.status import wait_for
 
@@ -140,13 +166,14 @@ def command_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
-def find_stage(identifier: str, root: Path, sweep: str | None) -> StageSpec:
-    """A stage spec from a logs folder's config.json, or by (unique prefix of) name from a sweep's plan."""
+def find_stage(identifier: str, root: Path, sweep: str | None) -> tuple[StageSpec, Path]:
+    """A stage spec and its output root: from a logs folder's config.json (the root is the folder
+    above its logs/), or by (unique prefix of) name from a sweep's plan under ``root``."""
     folder = Path(identifier)
     if (folder / "config.json").is_file():
-        return StageSpec.from_dict(read_json(folder / "config.json"))
+        return StageSpec.from_dict(read_json(folder / "config.json")), folder.resolve().parent.parent
     if (root / "logs" / identifier / "config.json").is_file():
-        return StageSpec.from_dict(read_json(root / "logs" / identifier / "config.json"))
+        return StageSpec.from_dict(read_json(root / "logs" / identifier / "config.json")), root
     if sweep is None:
         raise SystemExit(f"stage {identifier!r}: no logs/{identifier}/config.json under {root}; pass --sweep SWEEP to find it in a plan")
     stages = build_plan(Path(sweep)).stages
@@ -154,24 +181,78 @@ def find_stage(identifier: str, root: Path, sweep: str | None) -> StageSpec:
     if len(matches) != 1:
         found = ", ".join(spec.name for spec in matches[:5]) or "none"
         raise SystemExit(f"{sweep}: stage {identifier!r} matches {len(matches)} stages ({found}); give a longer name")
-    return matches[0]
+    return matches[0], root
 
 
 def command_stage(args: argparse.Namespace) -> int:
     from stages import run_stage
 
-    root = output_root(args)
-    spec = find_stage(args.stage, root, args.sweep)
-    run_stage(spec, root)
-    print(f"done: {root / 'logs' / spec.name}")
+    spec, root = find_stage(args.stage, output_root(args), args.sweep)
+    outcome = run_stage(spec, root, force=args.force)
+    if outcome == "elsewhere":
+        print(f"not run: {spec.name} is already running elsewhere; its DONE will appear in {root / 'logs' / spec.name}")
+        return 0
+    print(f"{'already DONE' if outcome == 'skipped' else 'done'}: {root / 'logs' / spec.name}")
     return 0
+
+
+def command_invalidate(args: argparse.Namespace) -> int:
+    root = output_root(args)
+    target = Path(args.target)
+    if target.suffix in (".yaml", ".yml") and target.is_file():
+        plan = build_plan(target)
+        chosen = [spec for spec in plan.stages.values() if args.stage is None or spec.kind == args.stage]
+    else:
+        spec, root = find_stage(args.target, root, args.sweep)
+        chosen = [spec]
+    names = {spec.name for spec in chosen}
+    if args.downstream:
+        names |= downstream_stages(root, names)
+    for name in sorted(names):
+        holder = live_lease(StageFolders(root, name).logs)
+        if holder is not None:
+            raise SystemExit(f"error: {name} is running ({holder.describe()}); cancel it first: python runner.py cancel SWEEP")
+    for name in sorted(names):
+        StageFolders(root, name).discard_outputs()
+    print(f"invalidated {len(names)} stage(s); the next submit (or runner.py stage) rebuilds them from scratch"
+          + "".join(f"\n  {name}" for name in sorted(names)))
+    return 0
+
+
+def downstream_stages(root: Path, names: set[str]) -> set[str]:
+    """Every stage under ``root/logs`` built, directly or not, from one of ``names``, whatever its sweep."""
+    upstream_of = {}
+    for config in (root / "logs").glob("*/config.json"):
+        try:
+            upstream_of[config.parent.name] = set(read_json(config)["upstream"].values())
+        except (CorruptFileError, KeyError, TypeError):
+            continue
+    found: set[str] = set()
+    frontier = set(names)
+    while frontier:
+        frontier = {name for name, ups in upstream_of.items() if ups & frontier and name not in found and name not in names}
+        found |= frontier
+    return found
+
+
+def stage_folders(paths: list[str]) -> list[Path]:
+    """The given folders (or log.pkl files) that belong to stages; others get a one-line note, not an abort."""
+    chosen = []
+    for given in paths:
+        path = Path(given)
+        folder = path.parent if path.is_file() else path
+        if path.is_dir() and not ((folder / "log.pkl").exists() or (folder / "config.json").exists()):
+            print(f"note: skipping {path}: not a stage folder (no config.json or log.pkl)", file=sys.stderr)
+            continue
+        chosen.append(path)
+    return chosen
 
 
 def command_logs(args: argparse.Namespace) -> int:
     from pipeline.logfiles import format_log, read_log
 
-    for folder in args.folders:
-        print(format_log(read_log(Path(folder))))
+    for folder in stage_folders(args.folders):
+        print(format_log(read_log(folder)))
         print()
     return 0
 
@@ -180,8 +261,7 @@ def command_plot(args: argparse.Namespace) -> int:
     from pipeline.logfiles import read_log
     from pipeline.plots import write_plots
 
-    for folder in args.folders:
-        folder = Path(folder)
+    for folder in stage_folders(args.folders):
         log_folder = folder.parent if folder.is_file() else folder
         for written in write_plots(read_log(folder), log_folder):
             print(written)
@@ -204,7 +284,7 @@ def command_report(args: argparse.Namespace) -> int:
 def command_demo(args: argparse.Namespace) -> int:
     args.sweep, args.out = str(DEMO_SWEEP), None
     started = time.perf_counter()
-    if not run_local(checked_plan(DEMO_SWEEP), output_root(args), args.max_parallel):
+    if run_sweep(build_plan(DEMO_SWEEP), output_root(args), "local", args.max_parallel) is False:
         return 1
     print(f"demo sweep finished in {time.perf_counter() - started:.0f} s\n")
     return command_report(args)
@@ -248,6 +328,16 @@ def parser() -> argparse.ArgumentParser:
                   "python runner.py stage logs/train_teacher-digits-resnet32x4-1a2b3c4d")
     sub.add_argument("stage", help="stage folder (logs/NAME), stage name, or name/hash prefix with --sweep")
     sub.add_argument("--sweep", help="sweep YAML to find the stage in, when it has not run before")
+    sub.add_argument("--force", action="store_true", help="rebuild from scratch: discard its DONE, checkpoint and outputs first")
+    with_root(sub)
+
+    sub = command("invalidate", command_invalidate,
+                  "discard stages' DONE, checkpoints and outputs so the next submit rebuilds them from scratch",
+                  "python runner.py invalidate logs/train_teacher-digits-resnet20-1a2b3c4d --downstream")
+    sub.add_argument("target", help="stage folder (logs/NAME), stage name with --sweep, or a sweep YAML (all its stages)")
+    sub.add_argument("--sweep", help="sweep YAML to find a stage name in")
+    sub.add_argument("--stage", choices=STAGE_KINDS, help="with a sweep: only stages of this kind")
+    sub.add_argument("--downstream", action="store_true", help="also every stage under the root built from them, in any sweep")
     with_root(sub)
 
     sub = command("logs", command_logs, "print pickled stage logs as per-epoch tables and a summary", "python runner.py logs logs/train_student-*")
@@ -273,6 +363,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     looked up once their modules (torch, matplotlib) are loaded, so other commands stay light."""
     errors: list[type[Exception]] = [
         SweepError, CatalogueError, SubmitLockedError, CorruptFileError, LogError, DatasetError, BackendError,
+        LeaseLostError,
     ]
     if "stages.files" in sys.modules:
         errors.append(sys.modules["stages.files"].StageError)

@@ -25,7 +25,7 @@ from torch import nn  # noqa: E402
 
 from distill.base import MethodContext, method_class  # noqa: E402
 from models.registry import build_model, tap_shapes  # noqa: E402
-from stages.files import select_device  # noqa: E402
+from stages.context import select_device  # noqa: E402
 from stages.train_student import distillation_terms  # noqa: E402
 
 TEACHER, STUDENT, NUM_CLASSES, IMAGE_SHAPE = "resnet32x4", "resnet8x4", 100, (3, 32, 32)

@@ -1,13 +1,12 @@
-"""Stage jobs: one module per stage kind, each with ``run(spec, root)``.
+"""Stage jobs: one module per stage kind, each with ``run(stage: StageRun)``.
 
-``StageJob`` is what backends submit. It imports the stage module only when the job runs, so
+``StageJob`` is what backends submit. It imports the stage machinery only when the job runs, so
 submitting (and pickling it) never imports torch. It is submitit-``Checkpointable``: on a time
 limit or preemption signal submitit requeues the same call, and the stage resumes from its last
 epoch checkpoint, so a requeued job repeats no finished epoch.
 """
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -15,21 +14,18 @@ from typing import Any, Mapping
 from submitit.helpers import Checkpointable
 
 from pipeline.plan import StageSpec
-from pipeline.store import StageFolders
-from pipeline.sweep_schema import STAGE_KINDS
 
 
-def run_stage(spec: StageSpec | Mapping[str, Any], root: str | os.PathLike) -> str:
-    """Runs one stage to completion (resuming from its checkpoint) unless it is already DONE."""
+def run_stage(spec: StageSpec | Mapping[str, Any], root: str | os.PathLike, force: bool = False) -> str:
+    """Runs one stage unless it is verified DONE; see ``stages.context.run_stage`` for the steps.
+
+    Returns ``"skipped"``, ``"done"`` or ``"elsewhere"`` (another live runner holds the stage).
+    """
+    from stages.context import run_stage as run
+
     if not isinstance(spec, StageSpec):
         spec = StageSpec.from_dict(spec)
-    root = Path(root)
-    if StageFolders(root, spec.name).is_done():
-        return spec.name
-    if spec.kind not in STAGE_KINDS:
-        raise ValueError(f"unknown stage kind {spec.kind!r}; allowed: {', '.join(STAGE_KINDS)}")
-    importlib.import_module(f"stages.{spec.kind}").run(spec, root)
-    return spec.name
+    return run(spec, Path(root), force=force)
 
 
 class StageJob(Checkpointable):

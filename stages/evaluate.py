@@ -6,17 +6,15 @@ which the model predicts the same class as the reference teacher.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from models.registry import parameter_count
-from pipeline.plan import StageSpec
 from pipeline.logfiles import read_log
 from pipeline.store import write_json
-from stages.files import begin_stage, run_record, select_device, upstream_folders, write_stage_log
+from stages.context import StageRun
 from stages.loading import load_classifier, load_stage_data
 from stages.training import accuracy, predict
 
@@ -36,10 +34,8 @@ def scores(logits: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor |
     }
 
 
-def run(spec: StageSpec, root: Path) -> None:
-    upstream = upstream_folders(spec, root)
-    folders = begin_stage(spec, root)
-    device = select_device(spec.runtime.get("device", "auto"))
+def run(stage: StageRun) -> None:
+    spec, device, upstream, folders = stage.spec, stage.device, stage.upstream, stage.folders
     data = load_stage_data(spec)
     batch_size = int(spec.settings["batch_size"])
     model_folders = upstream["model"]
@@ -67,6 +63,5 @@ def run(spec: StageSpec, root: Path) -> None:
         **{f"{name}_best_val": value for name, value in best.items()},
     }
     write_json(folders.result, result)
-    log = dict(run_record(spec, device, seed=None), epochs=[], best_epoch=best_epoch, status="done", result=result)
-    write_stage_log(folders, log, plots=False)
-    folders.mark_done()
+    log = dict(stage.record(seed=None), epochs=[], best_epoch=best_epoch, status="done", result=result)
+    stage.finish(log, [folders.result], plots=False)

@@ -6,6 +6,8 @@ so such a mistake is refused in one line instead of failing hours later, after t
 """
 from __future__ import annotations
 
+from typing import Iterable
+
 from pipeline.catalogue import Catalogue
 from pipeline.plan import Plan
 from pipeline.sweep import SweepError
@@ -14,11 +16,12 @@ from distill.base import MethodConfigError, MethodContext, method_class
 from models.registry import tap_shapes
 
 
-def check_methods(plan: Plan, catalogue: Catalogue) -> None:
+def check_methods(plan: Plan, catalogue: Catalogue, names: Iterable[str] | None = None) -> None:
     """Raises SweepError naming the sweep file and the key of the first misfit: ``data_root`` for a
-    data set that reads files when none is set, ``methods.<name>.<key>`` for a method setting."""
+    data set that reads files when none is set, ``methods.<name>.<key>`` for a method setting.
+    ``names`` limits the check to those stages (the ones a submit will run)."""
     checked: set[str] = set()
-    for spec in plan.stages.values():
+    for spec in (plan.stages[name] for name in (plan.stages if names is None else names)):
         dataset_name = spec.settings["dataset"]["name"]
         if catalogue.datasets[dataset_name].needs_root and not spec.runtime.get("data_root"):
             raise SweepError(

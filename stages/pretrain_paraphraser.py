@@ -6,7 +6,6 @@ result from ``weights/<this stage>/final.pt``.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -14,27 +13,27 @@ from torch import nn
 from distill import ft
 from models.registry import tap_shapes
 from models.taps import FeatureTaps
-from pipeline.plan import StageSpec
-from stages.files import begin_stage, finish_stage, run_record, select_device, upstream_folders, use_amp
+from stages.context import StageRun
 from stages.loading import load_classifier, load_stage_data
-from stages.training import EpochLoop, TrainingSettings
+from stages.training import EpochLoop, TrainingSettings, training_outputs
 
 # Optimiser settings the paraphraser shares with CIFAR training; its epochs, learning rate and
-# batch size are FT params (they are in the stage hash), these are not meant to be swept.
-PARAPHRASER_TRAINING = {"momentum": 0.9, "weight_decay": 5e-4, "lr_schedule": "cosine", "augment": True}
+# batch size are FT params (they are in the stage hash), these are not meant to be swept. The
+# schedule is cosine, so the step schedule's milestones and gamma are unused.
+PARAPHRASER_TRAINING = {
+    "momentum": 0.9, "weight_decay": 5e-4, "lr_schedule": "cosine", "milestones": None, "gamma": 0.1, "augment": True,
+}
 PARAPHRASER_SEED = 0
 
 
-def run(spec: StageSpec, root: Path) -> None:
-    upstream = upstream_folders(spec, root)
-    folders = begin_stage(spec, root)
+def run(stage: StageRun) -> None:
+    spec, device, upstream = stage.spec, stage.device, stage.upstream
     params = spec.settings["method"]["params"]
     settings = TrainingSettings.from_settings(
         {**PARAPHRASER_TRAINING, "epochs": params["paraphraser_epochs"], "lr": params["paraphraser_lr"],
          "batch_size": params["paraphraser_batch_size"]},
         seed=PARAPHRASER_SEED,
     )
-    device = select_device(spec.runtime.get("device", "auto"))
     data = load_stage_data(spec)
     teacher = load_classifier(upstream["teacher"].final_weights, device)
     tap = params["teacher_tap"]
@@ -50,15 +49,13 @@ def run(spec: StageSpec, root: Path) -> None:
         return {"reconstruction": ft.reconstruction_loss(reconstruction, features, params["recon_loss"])}, None
 
     log = EpochLoop(
-        folders=folders,
-        record=run_record(spec, device, PARAPHRASER_SEED),
+        stage=stage,
+        record=stage.record(PARAPHRASER_SEED),
         modules=nn.ModuleDict({"paraphraser": paraphraser}),
         compute_terms=compute_terms,
         data=data,
         settings=settings,
-        device=device,
         classifier=None,
         saved_state=lambda: {"paraphraser": paraphraser.state_dict(), "teacher_tap": tap, "tap_shape": tap_shape},
-        amp=use_amp(spec, device),
     ).run()
-    finish_stage(folders, log)
+    stage.finish(log, training_outputs(stage.folders), plots=True)

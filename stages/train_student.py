@@ -6,18 +6,16 @@ whatever modules the method adds (translator, projection), logging each loss ter
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
 from distill.base import Batch, Method, MethodConfigError, MethodContext, ModelOutput, method_class
 from models.registry import tap_shapes
 from models.taps import FeatureTaps
-from pipeline.plan import StageSpec
-from stages.files import StageError, begin_stage, finish_stage, run_record, select_device, upstream_folders, use_amp
+from stages.context import StageRun
+from stages.files import StageError
 from stages.loading import load_classifier, load_stage_data, model_state, new_classifier
-from stages.training import ComputeTerms, EpochLoop, TrainingSettings
+from stages.training import ComputeTerms, EpochLoop, TrainingSettings, training_outputs
 
 
 def distillation_terms(student: nn.Module, teacher: nn.Module | None, method: Method) -> ComputeTerms:
@@ -36,12 +34,10 @@ def distillation_terms(student: nn.Module, teacher: nn.Module | None, method: Me
     return compute_terms
 
 
-def run(spec: StageSpec, root: Path) -> None:
-    upstream = upstream_folders(spec, root)
-    folders = begin_stage(spec, root)
+def run(stage: StageRun) -> None:
+    spec, device, upstream = stage.spec, stage.device, stage.upstream
     training = spec.settings["training"]
     settings = TrainingSettings.from_settings(training, seed=training["seed"])
-    device = select_device(spec.runtime.get("device", "auto"))
     data = load_stage_data(spec)
     arch, method_name = spec.settings["arch"], spec.settings["method"]["name"]
     params = spec.settings["method"]["params"]
@@ -64,15 +60,13 @@ def run(spec: StageSpec, root: Path) -> None:
         raise StageError(f"{spec.name}: methods.{method_name}.{error.key}: {error}") from None
     method = method_type(params, context).to(device)
     log = EpochLoop(
-        folders=folders,
-        record=run_record(spec, device, settings.seed),
+        stage=stage,
+        record=stage.record(settings.seed),
         modules=nn.ModuleDict({"model": student, "method": method}),
         compute_terms=distillation_terms(student, teacher, method),
         data=data,
         settings=settings,
-        device=device,
         classifier=student,
         saved_state=lambda: model_state(arch, data, student, method),
-        amp=use_amp(spec, device),
     ).run()
-    finish_stage(folders, log)
+    stage.finish(log, training_outputs(stage.folders), plots=True)

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from data.registry import DatasetSplits
 from pipeline.store import StageFolders
+from stages.context import StageRun
 from stages.files import StageError, load_torch, save_torch, write_stage_log
 
 ComputeTerms = Callable[[torch.Tensor, torch.Tensor], tuple[dict[str, torch.Tensor], torch.Tensor | None]]
@@ -32,17 +33,22 @@ ComputeTerms = Callable[[torch.Tensor, torch.Tensor], tuple[dict[str, torch.Tens
 
 @dataclass(frozen=True)
 class TrainingSettings:
+    """``milestones`` and ``gamma`` shape the step schedule only; ``milestones`` None means the recipe's."""
+
     epochs: int
     batch_size: int
     lr: float
     momentum: float
     weight_decay: float
     lr_schedule: str
+    milestones: tuple[int, ...] | None
+    gamma: float
     augment: bool
     seed: int
 
     @classmethod
     def from_settings(cls, training: Mapping[str, Any], seed: int) -> "TrainingSettings":
+        milestones = training["milestones"]
         return cls(
             epochs=int(training["epochs"]),
             batch_size=int(training["batch_size"]),
@@ -50,9 +56,30 @@ class TrainingSettings:
             momentum=float(training["momentum"]),
             weight_decay=float(training["weight_decay"]),
             lr_schedule=str(training["lr_schedule"]),
+            milestones=None if milestones is None else tuple(int(milestone) for milestone in milestones),
+            gamma=float(training["gamma"]),
             augment=bool(training["augment"]),
             seed=int(seed),
         )
+
+    @property
+    def step_milestones(self) -> tuple[int, ...]:
+        """The step schedule's milestones in epochs: the lr is multiplied by ``gamma`` once per milestone
+        m <= the 0-based epoch, i.e. a drop comes after m epochs.
+
+        That is how the CRD recipe counts (RepDistiller's train_teacher.py / train_student.py,
+        ``--lr_decay_epochs 150,180,210 --lr_decay_rate 0.1`` of 240 epochs, applied by
+        helper/util.py's adjust_learning_rate as gamma^(number of milestones < the 1-based epoch)):
+        0-based epochs 0-149 train at lr, 150-179 at lr/10, 180-209 at lr/100, 210-239 at lr/1000.
+        Without explicit milestones the recipe's are scaled to ``epochs`` as m x epochs / 240
+        rounded to the nearest epoch, halves up (30 epochs: 18.75, 22.5, 26.25 -> 19, 23, 26). The
+        scaled milestones always lie in 1..epochs; below 7 epochs some coincide, and coinciding
+        drops apply together.
+        """
+        if self.milestones is not None:
+            return self.milestones
+        recipe_epochs, recipe_milestones = 240, (150, 180, 210)
+        return tuple((2 * milestone * self.epochs + recipe_epochs) // (2 * recipe_epochs) for milestone in recipe_milestones)
 
 
 def learning_rate(settings: TrainingSettings, epoch: int) -> float:
@@ -60,8 +87,8 @@ def learning_rate(settings: TrainingSettings, epoch: int) -> float:
     if settings.lr_schedule == "cosine":
         return settings.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / settings.epochs))
     if settings.lr_schedule == "step":
-        drops = sum(epoch >= settings.epochs * fraction for fraction in (0.5, 0.75))
-        return settings.lr * 0.1**drops
+        drops = sum(epoch >= milestone for milestone in settings.step_milestones)
+        return settings.lr * settings.gamma**drops
     if settings.lr_schedule == "constant":
         return settings.lr
     raise ValueError(f"unknown lr_schedule {settings.lr_schedule!r}; allowed: cosine, step, constant")
@@ -111,20 +138,27 @@ class EpochLoop:
 
     ``classifier`` (if any) is the module whose val accuracy picks the best epoch and whose
     train/val/test accuracy is logged. ``saved_state`` returns what final.pt / best.pt hold.
-    ``amp`` runs the forward passes under bfloat16 autocast (CUDA only; bfloat16 needs no loss
-    scaler, so the optimiser step and the checkpoint stay exactly as without it).
+    The stage's ``amp`` runs the forward passes under bfloat16 autocast (CUDA only; bfloat16 needs
+    no loss scaler, so the optimiser step and the checkpoint stay exactly as without it). Every
+    epoch starts by refreshing the stage's lease, so a runner that lost it writes nothing more.
     """
 
-    folders: StageFolders
+    stage: StageRun
     record: dict[str, Any]
     modules: nn.ModuleDict
     compute_terms: ComputeTerms
     data: DatasetSplits
     settings: TrainingSettings
-    device: torch.device
     classifier: nn.Module | None
     saved_state: Callable[[], dict[str, Any]]
-    amp: bool = False
+
+    @property
+    def folders(self) -> StageFolders:
+        return self.stage.folders
+
+    @property
+    def device(self) -> torch.device:
+        return self.stage.device
 
     def run(self) -> dict[str, Any]:
         parameters = [parameter for parameter in self.modules.parameters() if parameter.requires_grad]
@@ -147,6 +181,7 @@ class EpochLoop:
         )
         for epoch in progress:
             entry = self._train_one_epoch(optimizer, epoch)
+            self.stage.heartbeat()
             log["epochs"].append(entry)
             val_acc = entry["val_acc"]
             if val_acc is not None and val_acc > best_val:
@@ -175,7 +210,7 @@ class EpochLoop:
         correct = seen = 0
         for step, (images, labels) in enumerate(training_batches(self.data, self.settings, epoch)):
             images, labels = images.to(self.device), labels.to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.stage.amp):
                 terms, logits = self.compute_terms(images, labels)
             total = sum(terms.values())
             for name, value in terms.items():
@@ -207,6 +242,11 @@ class EpochLoop:
             entry["test_acc"] = accuracy(predict(self.classifier, self.data.test_images, batch, self.device), self.data.test_labels)
         entry["epoch_time_s"] = time.perf_counter() - started
         return entry
+
+
+def training_outputs(folders: StageFolders) -> list[Path]:
+    """The files a training stage promises in its DONE: final weights, and best weights when validated."""
+    return [folders.final_weights, *([folders.best_weights] if folders.best_weights.is_file() else [])]
 
 
 def _percent(value: float | None) -> str:

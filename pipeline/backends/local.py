@@ -4,6 +4,10 @@ LocalExecutor has no job dependencies, so this backend releases a stage only onc
 stages are DONE, and keeps at most ``max_parallel`` jobs running (each pinned to its ``cpus``
 share), which is what lets a whole sweep share a laptop's cores without oversubscribing them.
 A failed stage blocks only its own downstream stages; the rest of the sweep goes on.
+
+A stage that another live runner holds (another sweep's submit, or the orphaned job of a submit
+killed with ``kill -9``: see ``pipeline.leases``) is not started a second time: it is watched until
+its DONE appears, and started here only if its holder dies first.
 """
 from __future__ import annotations
 
@@ -14,8 +18,10 @@ from typing import Any, Callable
 
 import submitit
 
+from pipeline.leases import live_lease
 from pipeline.manifest import Manifest
 from pipeline.plan import Plan, StageSpec
+from pipeline.progress import LiveProgress
 from pipeline.store import StageFolders
 
 StageJob = Callable[[dict[str, Any], str], str]
@@ -25,7 +31,7 @@ StageJob = Callable[[dict[str, Any], str], str]
 @dataclass(frozen=True)
 class StageOutcome:
     name: str
-    state: str  # done | skipped | failed | cancelled | blocked
+    state: str  # done | skipped | failed | cancelled | blocked (done elsewhere counts as done)
     seconds: float = 0.0
     error: str = ""
 
@@ -51,46 +57,69 @@ class LocalBackend:
         jobs_dir: Path,
         job: StageJob,
         max_parallel: int,
-        report: Callable[[str], None] = print,
+        progress: LiveProgress | None = None,
         poll_seconds: float = 0.2,
     ):
         self.root = root
         self.jobs_dir = jobs_dir
         self.job = job
         self.max_parallel = max(1, max_parallel)
-        self.report = report
+        self.progress = progress or LiveProgress()
         self.poll_seconds = poll_seconds
 
-    def run(self, plan: Plan) -> list[StageOutcome]:
+    def run(self, plan: Plan, to_run: dict[str, str]) -> list[StageOutcome]:
+        """Runs the stages named in ``to_run`` (see ``pipeline.pending``); the others count as skipped."""
         manifest = Manifest.load(self.jobs_dir)
         outcomes: dict[str, StageOutcome] = {}
         waiting: list[StageSpec] = []
         for spec in plan.stages.values():
-            if StageFolders(self.root, spec.name).is_done():
+            if spec.name in to_run:
+                waiting.append(spec)
+                if to_run[spec.name] != "not built":
+                    self.progress.report(f"rebuilding {spec.name}: {to_run[spec.name]}")
+            else:
                 outcomes[spec.name] = StageOutcome(spec.name, "skipped")
                 if manifest.stages.get(spec.name, {}).get("state") != "done":
                     manifest.record(spec.name, kind=spec.kind, state="done")
-            else:
-                waiting.append(spec)
         if outcomes:
-            self.report(f"{len(outcomes)} stage(s) already DONE, skipped")
+            self.progress.report(f"{len(outcomes)} stage(s) already DONE, skipped")
         running: dict[str, tuple[submitit.Job, float]] = {}
+        watching: dict[str, float] = {}  # held by a live runner elsewhere -> since when
         total = len(waiting)
         try:
-            while waiting or running:
+            while waiting or running or watching:
                 waiting = self._block_failed_downstream(waiting, outcomes, manifest)
-                for spec in self._ready(waiting, outcomes)[: self.max_parallel - len(running)]:
+                for spec in self._ready(waiting, outcomes):
+                    if len(running) >= self.max_parallel:
+                        break
                     waiting.remove(spec)
+                    holder = live_lease(StageFolders(self.root, spec.name).logs)
+                    if holder is not None:
+                        watching[spec.name] = time.monotonic()
+                        manifest.record(spec.name, kind=spec.kind, backend="local", state="elsewhere", holder=holder.describe())
+                        self.progress.report(f"waiting  {spec.name}: already running elsewhere ({holder.describe()})")
+                        continue
                     running[spec.name] = (self._submit(spec), time.monotonic())
                     manifest.record(spec.name, kind=spec.kind, backend="local", job_id=running[spec.name][0].job_id, state="running")
                 finished = [name for name, (job, _) in running.items() if job.done()]
                 for name in finished:
                     job, started = running.pop(name)
-                    outcomes[name] = self._outcome(name, job, time.monotonic() - started, manifest)
-                    finished_count = sum(o.state in ("done", "failed", "cancelled") for o in outcomes.values())
-                    outcome = outcomes[name]
-                    detail = f"{outcome.seconds:.1f} s" if outcome.state == "done" else outcome.error
-                    self.report(f"[{finished_count}/{total}] {outcome.state:6} {name} ({detail})")
+                    outcome = self._outcome(name, job, time.monotonic() - started, manifest)
+                    if outcome is None:  # it found a live holder when it started: watch that one
+                        watching[name] = time.monotonic()
+                        continue
+                    self._finish(outcome, outcomes, total)
+                for name in list(watching):
+                    folders = StageFolders(self.root, name)
+                    if folders.is_done():
+                        outcome = StageOutcome(name, "done", time.monotonic() - watching.pop(name), "built elsewhere")
+                        manifest.record(name, state="done")
+                        self._finish(outcome, outcomes, total)
+                    elif live_lease(folders.logs) is None:
+                        watching.pop(name)
+                        waiting.insert(0, plan.stages[name])
+                        self.progress.report(f"resuming {name}: its runner elsewhere stopped without DONE")
+                self.progress.update({name: (plan.stages[name], StageFolders(self.root, name)) for name in running})
                 if not finished:
                     time.sleep(self.poll_seconds)
         except KeyboardInterrupt:
@@ -98,7 +127,15 @@ class LocalBackend:
                 job.cancel(check=False)
                 manifest.record(name, state="cancelled")
             raise
+        finally:
+            self.progress.close()
         return [outcomes[name] for name in plan.stages]
+
+    def _finish(self, outcome: StageOutcome, outcomes: dict[str, StageOutcome], total: int) -> None:
+        outcomes[outcome.name] = outcome
+        finished_count = sum(o.state in ("done", "failed", "cancelled") for o in outcomes.values())
+        detail = f"{outcome.seconds:.1f} s" + (f", {outcome.error}" if outcome.error else "") if outcome.state == "done" else outcome.error
+        self.progress.report(f"[{finished_count}/{total}] {outcome.state:6} {outcome.name} ({detail})")
 
     def _submit(self, spec: StageSpec) -> submitit.Job:
         executor = submitit.LocalExecutor(folder=self.jobs_dir / "local" / "%j")
@@ -124,14 +161,18 @@ class LocalBackend:
                 message = f"upstream stage {failed[0]} did not finish"
                 outcomes[spec.name] = StageOutcome(spec.name, "blocked", error=message)
                 manifest.record(spec.name, kind=spec.kind, backend="local", state="blocked", error=message)
-                self.report(f"blocked {spec.name} ({message})")
+                self.progress.report(f"blocked {spec.name} ({message})")
             else:
                 still_waiting.append(spec)
         return still_waiting
 
-    def _outcome(self, name: str, job: submitit.Job, seconds: float, manifest: Manifest) -> StageOutcome:
+    def _outcome(self, name: str, job: submitit.Job, seconds: float, manifest: Manifest) -> StageOutcome | None:
+        """The finished job's outcome; None when it stood aside for a live runner elsewhere."""
         error = job.exception()
         if error is None:
+            if job.result() == "elsewhere":
+                manifest.record(name, state="elsewhere")
+                return None
             manifest.record(name, state="done", seconds=round(seconds, 2))
             return StageOutcome(name, "done", seconds)
         if Manifest.load(self.jobs_dir).stages.get(name, {}).get("state") == "cancelled":

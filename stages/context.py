@@ -1,0 +1,187 @@
+"""One stage run's context, opened once and closed once, so a stage body writes only what is its own.
+
+``run_stage`` is the only door into a stage. In order, it:
+
+1. skips a stage whose DONE is verified (``pipeline.store``);
+2. checks the upstream stages: each must be DONE and verified in full (every file re-hashed); one
+   that another runner is still building (live lease) is waited for; anything else is refused with
+   the command that fixes it;
+3. takes the stage's lease (``pipeline.leases``); a live holder elsewhere means this runner stands
+   aside and returns ``"elsewhere"``, which is not a failure;
+4. clears a damaged DONE (or, with ``force``, the stage's outputs and checkpoint), writes
+   ``config.json``, pins torch to the stage's CPU share and picks the device;
+5. hands a ``StageRun`` to ``stages/<kind>.py``'s ``run``, whose ``finish`` writes ``log.pkl``, the
+   plots and last the verified DONE listing the promised files;
+6. releases the lease, whatever happened.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy
+import tensorly
+import torch
+
+from pipeline.leases import LeaseHeldError, StageLease, live_lease
+from pipeline.plan import StageSpec
+from pipeline.store import StageFolders, write_json
+from pipeline.sweep_schema import STAGE_KINDS
+from stages.files import StageError, write_stage_log
+
+UPSTREAM_POLL_ENV = "KDBENCH_UPSTREAM_POLL_S"
+
+
+def rebuild_command(folders: StageFolders) -> str:
+    """The command that (re)builds one stage from its own folder."""
+    return f"python runner.py stage {folders.logs}"
+
+
+def select_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise StageError("device 'cuda' requested but torch sees no CUDA device; set device: auto or cpu")
+    return torch.device(requested)
+
+
+@dataclass
+class StageRun:
+    """What a stage body needs: its spec and folders, its verified upstream folders, the device, the lease."""
+
+    spec: StageSpec
+    root: Path
+    folders: StageFolders
+    upstream: dict[str, StageFolders]
+    device: torch.device
+    lease: StageLease
+    repaired: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def amp(self) -> bool:
+        """bfloat16 autocast where the sweep asks for it and the device is a GPU; a no-op on CPU."""
+        return bool(self.spec.runtime.get("amp", False)) and self.device.type == "cuda"
+
+    def heartbeat(self) -> None:
+        """Called every epoch: refreshes the lease, and stops this runner if it lost it."""
+        self.lease.check()
+
+    def record(self, seed: int | None) -> dict[str, Any]:
+        """The fields every log.pkl starts with: what ran, with what, where, and by whom."""
+        device = self.device
+        taken_over = self.lease.taken_over
+        return {
+            "format": 1,
+            "stage": self.spec.kind,
+            "name": self.spec.name,
+            "hash": self.spec.hash,
+            "settings": self.spec.settings,
+            "upstream": dict(self.spec.upstream),
+            "environment": {
+                "python": platform.python_version(),
+                "torch": str(torch.__version__),  # a TorchVersion would make unpickling the log import torch
+                "tensorly": tensorly.__version__,
+                "numpy": numpy.__version__,
+                "device": str(device) if device.type != "cuda" else f"cuda ({torch.cuda.get_device_name(device)})",
+                "hostname": socket.gethostname(),
+                "pid": os.getpid(),
+                "seed": seed,
+                "threads": torch.get_num_threads(),
+                "amp": self.amp,
+                "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+                "pbs_job_id": os.environ.get("PBS_JOBID"),
+            },
+            "lease_takeover": None if taken_over is None else {
+                "host": taken_over.host, "pid": taken_over.pid, "job_id": taken_over.job_id,
+                "heartbeat_age_s": round(time.time() - taken_over.heartbeat_at, 1),
+            },
+            "repaired": self.repaired,
+        }
+
+    def finish(self, log: dict[str, Any], outputs: Iterable[Path], plots: bool) -> None:
+        """Writes log.pkl (and the plots), then DONE listing config, log and ``outputs`` with their hashes."""
+        self.heartbeat()
+        write_stage_log(self.folders, log, plots=plots)
+        promised = [self.folders.config, self.folders.log, *outputs]
+        missing = [str(path) for path in promised if not path.is_file()]
+        if missing:
+            raise StageError(f"{self.spec.name}: finished without writing {', '.join(missing)}")
+        self.folders.mark_done(promised, upstream=self.spec.upstream.values())
+
+
+def run_stage(spec: StageSpec, root: Path, force: bool = False) -> str:
+    """Runs one stage to completion (resuming from its checkpoint) unless it is verified DONE.
+
+    Returns ``"skipped"`` (already DONE), ``"done"`` (this call built it) or ``"elsewhere"``
+    (another live runner holds it; wait for its DONE).
+    """
+    if spec.kind not in STAGE_KINDS:
+        raise ValueError(f"unknown stage kind {spec.kind!r}; allowed: {', '.join(STAGE_KINDS)}")
+    folders = StageFolders(root, spec.name)
+    if not force and folders.is_done():
+        return "skipped"
+    upstream = wait_for_upstream(spec, root)
+    try:
+        lease = StageLease.acquire(folders.logs)
+    except LeaseHeldError as held:
+        print(f"{held}; standing aside", file=sys.stderr)
+        return "elsewhere"
+    try:
+        if not force and folders.is_done():
+            return "skipped"
+        repaired = None
+        if force:
+            folders.discard_outputs()
+        elif folders.done_marker.exists():
+            # Own files damaged: resume from the checkpoint. Built from an older upstream: start afresh.
+            repaired = folders.done_problem()
+            if folders.changed_upstream() is not None:
+                folders.discard_outputs()
+            folders.clear_done()
+        torch.set_num_threads(max(1, int(spec.resources.get("cpus", 1))))
+        stage = StageRun(spec, root, folders, upstream, select_device(spec.runtime.get("device", "auto")), lease, repaired)
+        write_json(folders.config, spec.to_dict())
+        importlib.import_module(f"stages.{spec.kind}").run(stage)
+    finally:
+        lease.release()
+    return "done"
+
+
+def wait_for_upstream(spec: StageSpec, root: Path) -> dict[str, StageFolders]:
+    """The upstream folders, each verified in full; waits while a live runner is still building one."""
+    poll = float(os.environ.get(UPSTREAM_POLL_ENV, 10))
+    folders = {}
+    for role, name in spec.upstream.items():
+        upstream = StageFolders(root, name)
+        while True:
+            problem = upstream.done_problem(full=True)
+            if problem is None and upstream.done_marker.is_file():
+                break
+            holder = live_lease(upstream.logs)
+            if holder is None:
+                raise StageError(upstream_message(spec, role, upstream, problem))
+            time.sleep(poll)
+        folders[role] = upstream
+    return folders
+
+
+def upstream_message(spec: StageSpec, role: str, upstream: StageFolders, problem: str | None) -> str:
+    if problem is not None:
+        return f"{spec.name}: upstream {role} stage {upstream.name} is damaged ({problem}); rebuild it with: {rebuild_command(upstream)}"
+    if upstream.config.is_file():
+        return (
+            f"{spec.name}: upstream {role} stage {upstream.name} is not DONE ({upstream.done_marker} missing): it failed "
+            f"or was cancelled (see runner.py status SWEEP); finish it with: {rebuild_command(upstream)}"
+        )
+    return (
+        f"{spec.name}: upstream {role} stage {upstream.name} is not DONE ({upstream.done_marker} missing) and has never "
+        "started; run the sweep that holds it: python runner.py submit SWEEP"
+    )
