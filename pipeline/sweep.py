@@ -89,7 +89,10 @@ def check_sweep(document: Any, file: str, catalogue: Catalogue) -> Sweep:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping instead of keeping the last one."""
+    """SafeLoader that refuses a key given twice in one mapping instead of keeping the last one, and
+    reads numbers as YAML 1.2 does: PyYAML follows YAML 1.1, where ``5e-4``, ``1e-3`` and ``.5`` are
+    strings (its float needs a dot and a signed exponent), while papers and every peer's configs
+    write learning rates and weight decays that way."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: list[Any] = []
@@ -103,6 +106,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 )
             seen.append(key)
         return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.2 core schema floats. Resolvers are tried in the order they were added, so SafeLoader's
+# int resolver still claims plain integers ("240" stays an int); this one only adds what 1.1 missed.
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$"),
+    list("-+.0123456789"),
+)
 
 
 class _SweepChecker:

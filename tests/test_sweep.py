@@ -184,6 +184,32 @@ def test_ints_for_floats_become_floats(tmp_path: Path, catalogue: Catalogue) -> 
     assert temperature == 2.0 and isinstance(temperature, float)
 
 
+def test_numbers_spelled_as_in_papers_and_peer_configs_are_floats(tmp_path: Path) -> None:
+    # RepDistiller, mdistiller and torchdistill configs write these; YAML 1.1 (PyYAML) reads them as strings.
+    text = textwrap.dedent("""\
+        name: spellings
+        axes:
+          dataset: [digits]
+          pair: ["resnet20:resnet8x0.25"]
+          method: [vanilla]
+          student.lr: [1e-3, .5, 5E-2, 1.e-1]
+        defaults:
+          teacher: {weight_decay: 5e-4, lr: 1e-1, epochs: 240, momentum: .9}
+          student: {weight_decay: 1e-4}
+          data: {val_fraction: .1}
+        """)
+    path = tmp_path / "spellings.yaml"
+    path.write_text(text)
+    sweep = load_sweep(path, load_catalogue())
+    assert sweep.axes["student.lr"] == (0.001, 0.5, 0.05, 0.1)
+    assert sweep.defaults["teacher"]["weight_decay"] == 5e-4 and sweep.defaults["teacher"]["lr"] == 0.1
+    assert sweep.defaults["teacher"]["momentum"] == 0.9 and sweep.defaults["data"]["val_fraction"] == 0.1
+    assert sweep.defaults["student"]["weight_decay"] == 1e-4
+    epochs = sweep.defaults["teacher"]["epochs"]
+    assert epochs == 240 and isinstance(epochs, int)  # integers stay integers
+    assert yaml.safe_load("x: 5e-4") == {"x": "5e-4"}  # the resolver is kdbench's own, PyYAML's is untouched
+
+
 def test_required_param_of_an_unused_method_may_stay_unset(tmp_path: Path, catalogue: Catalogue) -> None:
     def drop_ft(sweep: dict[str, Any]) -> None:
         sweep["axes"]["method"] = ["kd"]
