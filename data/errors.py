@@ -15,3 +15,8 @@ class DatasetNotFoundError(DatasetError):
 
 class DatasetCorruptError(DatasetError):
     """A data file is there but truncated or not in the official format; the message names it."""
+
+
+def one_line(error: BaseException) -> str:
+    """``error`` as ``Type: message`` on one line, for the parenthesis of a DatasetError message."""
+    return " ".join(f"{type(error).__name__}: {error}".split())

@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 
 from data import cifar, digits
+from data.errors import DatasetError
+from data.files import NO_DATA_ROOT, fingerprint
 from data.splits import RawSplits, stratified_holdout
 
 DATA_ROOT_ENV = "KDBENCH_DATA"
@@ -52,16 +54,41 @@ def dataset_names() -> list[str]:
     return sorted(_MODULE_OF)
 
 
-def load_dataset(name: str, root: str | None, val_fraction: float, split_seed: int) -> DatasetSplits:
+def load_dataset(
+    name: str, root: str | None, val_fraction: float, split_seed: int, expected_fingerprint: str | None = None
+) -> DatasetSplits:
     """Read ``name`` from ``root`` (None: env ``KDBENCH_DATA``) and hold out a seeded, stratified
-    ``val_fraction`` of its training part for validation."""
+    ``val_fraction`` of its training part for validation.
+
+    With ``expected_fingerprint`` (what the plan hashed), files that fingerprint otherwise are
+    refused before they are read: a stage must not write results for other data into a folder
+    named after this data.
+    """
     module = _MODULE_OF.get(name)
     if module is None:
         raise KeyError(f"unknown data set {name!r}; allowed: {', '.join(dataset_names())}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    raw = module.read(name, root or os.environ.get(DATA_ROOT_ENV) or None)
+    root = root or os.environ.get(DATA_ROOT_ENV) or None
+    if expected_fingerprint is not None:
+        check_fingerprint(name, root, expected_fingerprint)
+    raw = module.read(name, root)
     return _split_and_normalise(raw, module.DATASETS[name]["num_classes"], val_fraction, split_seed, module.AUGMENT)
+
+
+def check_fingerprint(name: str, root: str | None, expected: str) -> None:
+    """Raises DatasetError unless the files under ``root`` are the ones the plan fingerprinted."""
+    if expected == NO_DATA_ROOT:
+        raise DatasetError(
+            f"data set {name} was planned without a data_root, so its stages' hashes name no data; set the sweep "
+            "key 'data_root' (or env KDBENCH_DATA) and plan the sweep again"
+        )
+    found = fingerprint(name, root)
+    if found != expected:
+        raise DatasetError(
+            f"data set {name} under {root}: its files have fingerprint {found[:12]}, but the plan hashed "
+            f"{expected[:12]}: the files changed since planning, or data_root now points elsewhere; plan the sweep again"
+        )
 
 
 def _split_and_normalise(

@@ -4,6 +4,8 @@ Each ``distill/*.py`` declares ``METHOD``, each ``models/*.py`` may declare ``AR
 each ``data/*.py`` may declare ``DATASETS``, all as top-level dict literals. Reading them with
 ``ast.literal_eval`` lets the planner validate a sweep in milliseconds and without torch, while the
 runtime registries read the very same literals: one source of truth, and no config can run code.
+A data set's fingerprint comes from ``data/files.py``, the one torch-free module of data/ that the
+planner imports: it finds the files with the same code the readers use.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
+from data.files import FINGERPRINTS, NO_DATA_ROOT, fingerprint
 from pipeline.fields import TYPES, Field, FieldError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -208,6 +211,22 @@ def _dataset(path: Path, name: str, entry: dict) -> DatasetSpec:
     summary = entry.get("summary", "")
     _expect(isinstance(summary, str), path, f"{where}.summary", "must be a string")
     return DatasetSpec(name, entry["num_classes"], tuple(entry["image_shape"]), entry["needs_root"], summary)
+
+
+def dataset_fingerprint(dataset: DatasetSpec, root: str | None) -> str:
+    """What the files ``dataset``'s reader reads under ``root`` hold, for the stage hashes.
+
+    ``NO_DATA_ROOT`` for a data set that reads files when no root is set: the plan still prints,
+    and submit refuses it. Raises DatasetError when the files are missing or unreadable.
+    """
+    if dataset.needs_root and root is None:
+        return NO_DATA_ROOT
+    if dataset.name not in FINGERPRINTS:
+        raise CatalogueError(
+            f"data/files.py: FINGERPRINTS: data set {dataset.name!r} has no entry; add the function that "
+            "fingerprints the files its reader reads"
+        )
+    return fingerprint(dataset.name, root)
 
 
 def _item_type(default: Any) -> str | None:

@@ -2,7 +2,7 @@
 
 A stage's hash covers exactly what its output depends on, plus its upstream stages' hashes:
 
-* train_teacher: dataset (name, val_fraction, split_seed), teacher arch, teacher training settings;
+* train_teacher: dataset (name, val_fraction, split_seed, fingerprint), teacher arch, teacher training settings;
 * pretrain_paraphraser: teacher hash, method name and the params its pre-stage declares;
 * train_student: dataset, student arch, student training settings (seed included), method name and
   all its params, and the teacher / paraphraser hashes only when the method reads them, so a
@@ -10,10 +10,14 @@ A stage's hash covers exactly what its output depends on, plus its upstream stag
 * evaluate: the evaluated model's hash and the reference teacher's.
 
 Runtime settings (data_root, device, amp) and the evaluation batch size are not hashed: they change
-where or how fast a stage runs, not what it computes. A stage shared by several experiments keeps
-the settings and runtime of the first experiment that needs it.
+where or how fast a stage runs, not what it computes. What the data files hold is hashed, as the
+dataset's ``fingerprint`` (``data/files.py``): the same files in another folder give the same
+stages, other files give other stages. A stage shared by several experiments keeps the settings
+and runtime of the first experiment that needs it.
 
-Planning imports no torch and touches no disk beyond the sweep file and the catalogue's sources.
+Planning imports no torch and reads no disk beyond the sweep file, the catalogue's sources and,
+once per data set, the data files' sizes and mtimes (their content only when the fingerprint
+cache beside them does not know them yet).
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import itertools
 import os
 from typing import Any, Iterator, Mapping
 
-from pipeline.catalogue import Catalogue, MethodSpec, load_catalogue
+from pipeline.catalogue import Catalogue, MethodSpec, dataset_fingerprint, load_catalogue
 from pipeline.graph import Experiment, Plan, StageSpec
 from pipeline.hashing import content_hash
 from pipeline.sweep import Sweep, load_sweep
@@ -37,7 +41,8 @@ _GROUPS = ("teacher", "teacher_evaluate", "paraphraser", "student", "evaluate")
 def build_plan(sweep_path: str | os.PathLike, repo_root: str | os.PathLike | None = None) -> Plan:
     """Reads, checks and expands the sweep at ``sweep_path`` against the catalogue of ``repo_root``.
 
-    Raises SweepError for a bad sweep and CatalogueError for a bad METHOD/ARCHITECTURES/DATASETS.
+    Raises SweepError for a bad sweep, CatalogueError for a bad METHOD/ARCHITECTURES/DATASETS and
+    DatasetError for data files under data_root that are missing or unreadable.
     """
     catalogue = load_catalogue(repo_root)
     return expand(load_sweep(sweep_path, catalogue), catalogue)
@@ -63,6 +68,7 @@ class _GraphBuilder:
         self.sweep = sweep
         self.catalogue = catalogue
         self.groups: dict[str, dict[str, StageSpec]] = {group: {} for group in _GROUPS}
+        self.fingerprints: dict[str, str] = {}
 
     def stages(self) -> dict[str, StageSpec]:
         """All stages by name, in group order; two stages whose names collide is an error."""
@@ -79,7 +85,7 @@ class _GraphBuilder:
         sections, params = self._resolve(values, method)
         dataset_name, seed = values["dataset"], values["seed"]
         teacher_arch, student_arch = values["pair"].split(":")
-        dataset = {"name": dataset_name, **sections["data"]}
+        dataset = {"name": dataset_name, **sections["data"], "fingerprint": self._fingerprint(dataset_name)}
         method_settings = {"name": method.name, "params": params}
 
         teacher = self._stage(
@@ -152,6 +158,13 @@ class _GraphBuilder:
                 if owner == method.name:
                     params[param] = value
         return sections, {key: params[key] for key in method.params}
+
+    def _fingerprint(self, dataset_name: str) -> str:
+        """The data set's fingerprint under the sweep's data_root, computed once per plan."""
+        if dataset_name not in self.fingerprints:
+            dataset = self.catalogue.datasets[dataset_name]
+            self.fingerprints[dataset_name] = dataset_fingerprint(dataset, self.sweep.data_root)
+        return self.fingerprints[dataset_name]
 
     def _runtime(self, section: Mapping[str, Any]) -> dict[str, Any]:
         return {"data_root": self.sweep.data_root, **{key: section[key] for key in RUNTIME_KEYS}}

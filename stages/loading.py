@@ -19,9 +19,11 @@ from stages.files import load_torch
 
 
 def load_stage_data(spec: StageSpec) -> DatasetSplits:
+    """The stage's data set, refused unless its files are the ones the stage's hash was made from."""
     dataset = spec.settings["dataset"]
     return load_dataset(
-        dataset["name"], spec.runtime.get("data_root"), float(dataset["val_fraction"]), int(dataset["split_seed"])
+        dataset["name"], spec.runtime.get("data_root"), float(dataset["val_fraction"]), int(dataset["split_seed"]),
+        dataset.get("fingerprint"),
     )
 
 

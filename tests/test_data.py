@@ -7,23 +7,28 @@ protocol-2 pickles (every string a BINSTRING, read back as bytes; numpy arrays r
 from __future__ import annotations
 
 import ast
+import codecs
+import hashlib
+import io
+import json
 import os
 import pickle
 import shutil
 import struct
 import tarfile
+import time
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from data import cifar, digits
+from data import cifar, digits, files
 from data.augment import RandomCropFlip
-from data.errors import DatasetCorruptError, DatasetNotFoundError
+from data.errors import DatasetCorruptError, DatasetError, DatasetNotFoundError
 from data.registry import DatasetSplits, dataset_names, load_dataset
 from data.splits import stratified_holdout
 
@@ -267,11 +272,33 @@ def test_missing_data_names_the_paths_and_the_setting(tmp_path: Path, monkeypatc
     assert "\n" not in str(raised.value)
 
 
-def test_missing_member_of_an_extracted_folder_is_named(cifar_roots: dict[str, Any], tmp_path: Path) -> None:
+def _read(name: str, root: Path) -> Any:
+    return load_dataset(name, str(root), 0.1, 0)
+
+
+def _fingerprint(name: str, root: Path) -> str:
+    return files.fingerprint(name, str(root))
+
+
+_READ_AND_FINGERPRINT = pytest.mark.parametrize("use", [_read, _fingerprint], ids=["read", "fingerprint"])
+"""The reader and the planner's fingerprint find the files with the same code, so fail alike."""
+
+
+@_READ_AND_FINGERPRINT
+def test_missing_member_of_an_extracted_folder_is_named(
+    cifar_roots: dict[str, Any], tmp_path: Path, use: Callable[[str, Path], Any]
+) -> None:
     shutil.copytree(cifar_roots["folder"] / "cifar-10-batches-py", tmp_path / "cifar-10-batches-py")
     (tmp_path / "cifar-10-batches-py" / "data_batch_4").unlink()
     with pytest.raises(DatasetNotFoundError, match="data_batch_4"):
-        load_dataset("cifar10", str(tmp_path), 0.1, 0)
+        use("cifar10", tmp_path)
+
+
+@_READ_AND_FINGERPRINT
+def test_missing_data_set_names_both_forms(tmp_path: Path, use: Callable[[str, Path], Any]) -> None:
+    with pytest.raises(DatasetNotFoundError) as raised:
+        use("cifar100", tmp_path)
+    assert str(tmp_path / "cifar-100-python") in str(raised.value) and "cifar-100-python.tar.gz" in str(raised.value)
 
 
 def test_truncated_batch_file_is_named_in_one_line(cifar_roots: dict[str, Any], tmp_path: Path) -> None:
@@ -280,15 +307,18 @@ def test_truncated_batch_file_is_named_in_one_line(cifar_roots: dict[str, Any], 
     damaged.write_bytes(damaged.read_bytes()[:5000])
     with pytest.raises(DatasetCorruptError) as raised:
         load_dataset("cifar10", str(tmp_path), 0.1, 0)
-    assert str(damaged) in str(raised.value) and "\n" not in str(raised.value)
+    assert f"{damaged} is truncated" in str(raised.value) and "\n" not in str(raised.value)
 
 
-def test_truncated_archive_is_named_in_one_line(cifar_roots: dict[str, Any], tmp_path: Path) -> None:
+@_READ_AND_FINGERPRINT
+def test_truncated_archive_is_named_in_one_line(
+    cifar_roots: dict[str, Any], tmp_path: Path, use: Callable[[str, Path], Any]
+) -> None:
     archive = tmp_path / "cifar-100-python.tar.gz"
     archive.write_bytes((cifar_roots["archive"] / archive.name).read_bytes()[:3000])
     with pytest.raises(DatasetCorruptError) as raised:
-        load_dataset("cifar100", str(tmp_path), 0.1, 0)
-    assert str(archive) in str(raised.value) and "\n" not in str(raised.value)
+        use("cifar100", tmp_path)
+    assert str(archive) in str(raised.value) and "truncated" in str(raised.value) and "\n" not in str(raised.value)
 
 
 class _MakesAFolderWhenUnpickled:
@@ -299,14 +329,200 @@ class _MakesAFolderWhenUnpickled:
         return os.mkdir, (str(self.path),)
 
 
-def test_a_pickle_that_would_run_code_is_refused(cifar_roots: dict[str, Any], tmp_path: Path) -> None:
+def test_a_pickle_that_would_run_code_is_refused_naming_the_global(cifar_roots: dict[str, Any], tmp_path: Path) -> None:
     shutil.copytree(cifar_roots["folder"] / "cifar-100-python", tmp_path / "cifar-100-python")
     marker = tmp_path / "code-ran"
-    with (tmp_path / "cifar-100-python" / "meta").open("wb") as stream:
+    meta = tmp_path / "cifar-100-python" / "meta"
+    with meta.open("wb") as stream:
         pickle.dump({b"fine_label_names": _MakesAFolderWhenUnpickled(marker)}, stream, protocol=2)
-    with pytest.raises(DatasetCorruptError, match="meta.*refusing"):
+    with pytest.raises(DatasetCorruptError) as raised:
         load_dataset("cifar100", str(tmp_path), 0.1, 0)
+    message = str(raised.value)
+    assert message.startswith(f"{meta}: refused to unpickle {os.mkdir.__module__}.mkdir: ")
+    assert "accepts only plain data" in message and "cannot run code" in message and "download" in message
+    assert "truncated" not in message and "\n" not in message
     assert not marker.exists()
+
+
+def _unpickled_members(folder: Path) -> dict[str, dict[bytes, Any]]:
+    return {member: cifar._unpickle(str(folder / member), io.BytesIO((folder / member).read_bytes())).content
+            for member in ("train", "test", "meta")}
+
+
+def test_a_file_resaved_by_python_3_with_protocol_2_loads_to_the_same_arrays(
+    cifar_roots: dict[str, Any], tmp_path: Path
+) -> None:
+    """Python 3's protocol 2 writes each bytes object as _codecs.encode(str, 'latin1') and b'' as bytes()."""
+    resaved = tmp_path / "cifar-100-python"
+    resaved.mkdir()
+    for member, content in _unpickled_members(cifar_roots["folder"] / "cifar-100-python").items():
+        if member == "meta":
+            content[b"empty"] = b""
+        (resaved / member).write_bytes(pickle.dumps(content, protocol=2))
+    assert b"_codecs\nencode" in (resaved / "train").read_bytes()
+    assert b"__builtin__\nbytes" in (resaved / "meta").read_bytes()
+    official = load_dataset("cifar100", str(cifar_roots["folder"]), 0.1, 0)
+    again = load_dataset("cifar100", str(tmp_path), 0.1, 0)
+    for name in ("train_images", "train_labels", "val_images", "val_labels", "test_images", "test_labels"):
+        assert torch.equal(getattr(official, name), getattr(again, name)), name
+
+
+class _EncodesWith:
+    def __init__(self, codec: str):
+        self.codec = codec
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return codecs.encode, ("text", self.codec)
+
+
+@pytest.mark.parametrize(("value", "refused"), [
+    (_EncodesWith("rot13"), "_codecs.encode with codec 'rot13'"),
+    (_MakesAFolderWhenUnpickled(Path("/nonexistent/never-made")), f"{os.mkdir.__module__}.mkdir"),
+])
+def test_only_the_latin1_form_of_codecs_encode_is_allowed(
+    cifar_roots: dict[str, Any], tmp_path: Path, value: Any, refused: str
+) -> None:
+    shutil.copytree(cifar_roots["folder"] / "cifar-100-python", tmp_path / "cifar-100-python")
+    test = tmp_path / "cifar-100-python" / "test"
+    content = _unpickled_members(tmp_path / "cifar-100-python")["test"]
+    test.write_bytes(pickle.dumps({**content, b"batch_label": value}, protocol=2))
+    with pytest.raises(DatasetCorruptError, match=f"^{test}: refused to unpickle {refused}"):
+        load_dataset("cifar100", str(tmp_path), 0.1, 0)
+
+
+# --- fingerprints -----------------------------------------------------------------------------------
+
+
+def write_cifar100_root(root: Path, seed: int) -> Path:
+    """A data root holding a small CIFAR-100 in the official format, its content drawn from ``seed``."""
+    root.mkdir(parents=True, exist_ok=True)
+    _write_cifar100(root, np.random.default_rng(seed))
+    return root
+
+
+def settled(folder: Path) -> Path:
+    """Dates every file under ``folder`` a day back: the cache ignores files modified seconds ago."""
+    day_ago = time.time_ns() - 86_400 * 10**9
+    for path in folder.rglob("*"):
+        os.utime(path, ns=(day_ago, day_ago))
+    return folder
+
+
+class _CountedHashing:
+    """Counts the files the fingerprint reads in full, to tell a cache hit from a recomputation."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.count = 0
+        hash_one = files._size_and_sha256
+
+        def counted(where: str, stream: Any) -> tuple[int, str]:
+            self.count += 1
+            return hash_one(where, stream)
+
+        monkeypatch.setattr(files, "_size_and_sha256", counted)
+
+
+@pytest.fixture
+def user_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    return tmp_path / "xdg" / "kdbench" / "fingerprints.json"
+
+
+def test_fingerprint_follows_the_content_not_the_folder_or_the_form(cifar_roots: dict[str, Any], tmp_path: Path) -> None:
+    extracted = files.fingerprint("cifar100", str(cifar_roots["folder"]))
+    assert len(extracted) == 64
+    moved = tmp_path / "moved"
+    shutil.copytree(cifar_roots["folder"] / "cifar-100-python", moved / "cifar-100-python", copy_function=shutil.copy)
+    assert files.fingerprint("cifar100", str(moved)) == extracted, "the same files in another folder"
+    assert not (moved / files.CACHE_NAME).exists(), "files modified a moment ago are not cached"
+    assert files.fingerprint("cifar100", str(cifar_roots["archive"])) == extracted, "the same members in the .tar.gz"
+    assert files.fingerprint("cifar100", str(write_cifar100_root(tmp_path / "other", seed=1))) != extracted
+    (moved / "cifar-100-python" / "readme.txt").write_text("not read by the reader")
+    assert files.fingerprint("cifar100", str(moved)) == extracted
+    labels = moved / "cifar-100-python" / "test"
+    labels.write_bytes(labels.read_bytes()[:-1] + b"\0")
+    assert files.fingerprint("cifar100", str(moved)) != extracted, "one byte of one member"
+
+
+def test_fingerprint_cache_is_written_beside_the_data_and_reused_until_a_file_changes(
+    cifar_roots: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, user_cache: Path
+) -> None:
+    settled(shutil.copytree(cifar_roots["folder"] / "cifar-100-python", tmp_path / "cifar-100-python"))
+    hashing = _CountedHashing(monkeypatch)
+    first = files.fingerprint("cifar100", str(tmp_path))
+    assert hashing.count == 3
+    cache = json.loads((tmp_path / files.CACHE_NAME).read_text())
+    entry = cache["entries"]["cifar-100-python"]
+    assert entry["fingerprint"] == first
+    assert [name for name, _, _ in entry["stats"]] == ["cifar-100-python/train", "cifar-100-python/test", "cifar-100-python/meta"]
+    assert files.fingerprint("cifar100", str(tmp_path)) == first and hashing.count == 3, "read from the cache"
+    test = tmp_path / "cifar-100-python" / "test"
+    status = test.stat()
+    os.utime(test, ns=(status.st_atime_ns, status.st_mtime_ns + 1_000_000_000))
+    assert files.fingerprint("cifar100", str(tmp_path)) == first and hashing.count == 6, "a new mtime is hashed again"
+    assert files.fingerprint("cifar100", str(tmp_path)) == first and hashing.count == 6
+    assert not user_cache.exists()
+
+
+def test_a_read_only_data_folder_falls_back_to_the_user_cache_then_to_none(
+    cifar_roots: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, user_cache: Path
+) -> None:
+    shared = tmp_path / "shared"
+    settled(shutil.copytree(cifar_roots["archive"], shared, ignore=shutil.ignore_patterns(files.CACHE_NAME)))
+    expected = files.fingerprint("cifar100", str(cifar_roots["archive"]))
+    write = files.write_atomic
+
+    def refused_in_shared(path: Path, data: bytes) -> None:  # chmod alone does not stop root, who runs CI
+        if shared in path.parents:
+            raise PermissionError(13, "Permission denied", str(path))
+        write(path, data)
+
+    monkeypatch.setattr(files, "write_atomic", refused_in_shared)
+    hashing = _CountedHashing(monkeypatch)
+    shared.chmod(0o555)
+    try:
+        assert files.fingerprint("cifar100", str(shared)) == expected
+        assert not (shared / files.CACHE_NAME).exists()
+        entries = json.loads(user_cache.read_text())["entries"]
+        assert entries[str(shared.resolve() / "cifar-100-python.tar.gz")]["fingerprint"] == expected
+        assert files.fingerprint("cifar100", str(shared)) == expected and hashing.count == 3, "read from the user cache"
+        user_cache.unlink()
+        blocked = tmp_path / "a-file"
+        blocked.write_text("")
+        monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))  # a user cache under a file cannot be made, even by root
+        assert files.fingerprint("cifar100", str(shared)) == expected and hashing.count == 6
+        assert load_dataset("cifar100", str(shared), 0.0, 0, expected).num_classes == 100
+    finally:
+        shared.chmod(0o755)
+
+
+def test_a_damaged_cache_is_ignored(cifar_roots: dict[str, Any], tmp_path: Path) -> None:
+    settled(shutil.copytree(cifar_roots["folder"] / "cifar-100-python", tmp_path / "cifar-100-python"))
+    (tmp_path / files.CACHE_NAME).write_text('{"format": 1, "entries": {"cifar-100-python": ')
+    expected = files.fingerprint("cifar100", str(cifar_roots["folder"]))
+    assert files.fingerprint("cifar100", str(tmp_path)) == expected
+    assert json.loads((tmp_path / files.CACHE_NAME).read_text())["entries"]["cifar-100-python"]["fingerprint"] == expected
+
+
+def test_digits_fingerprint_is_the_sklearn_file_the_reader_reads() -> None:
+    import sklearn
+
+    path = Path(sklearn.__file__).parent / "datasets" / "data" / "digits.csv.gz"
+    assert files.digits_file() == path
+    content = path.read_bytes()
+    line = f"digits.csv.gz {len(content)} {hashlib.sha256(content).hexdigest()}\n"
+    expected = hashlib.sha256(line.encode()).hexdigest()
+    assert files.fingerprint("digits", None) == files.fingerprint("digits", "/any/root") == expected
+
+
+def test_a_stage_refuses_other_data_than_its_plan_hashed(cifar_roots: dict[str, Any]) -> None:
+    root = str(cifar_roots["folder"])
+    planned = files.fingerprint("cifar100", root)
+    assert len(load_dataset("cifar100", root, 0.0, 0, planned).test_labels) == 20
+    with pytest.raises(DatasetError, match=f"fingerprint {planned[:12]}.*plan hashed 000000000000.*plan the sweep again"):
+        load_dataset("cifar100", root, 0.0, 0, "0" * 64)
+    with pytest.raises(DatasetError, match="planned without a data_root.*data_root"):
+        load_dataset("cifar100", root, 0.0, 0, files.NO_DATA_ROOT)
 
 
 # --- augmentation -----------------------------------------------------------------------------------
@@ -371,7 +587,7 @@ def test_each_data_set_gets_its_augmentation_and_digits_are_never_mirrored(cifar
 
 def test_datasets_literals_are_readable_without_importing_and_match_the_registry() -> None:
     declared = {name: entry for module in (digits, cifar) for name, entry in _declared(module).items()}
-    assert sorted(declared) == dataset_names()
+    assert sorted(declared) == dataset_names() == sorted(files.FINGERPRINTS)
     for module in (digits, cifar):
         assert _declared(module) == module.DATASETS
     for entry in declared.values():

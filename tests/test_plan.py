@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +12,15 @@ from typing import Any, Callable
 
 import pytest
 
+from data.errors import DatasetNotFoundError
+from data.files import NO_DATA_ROOT, fingerprint
+from pipeline import plan as plan_module
 from pipeline.catalogue import REPO_ROOT
+from pipeline.store import StageFolders
+from pipeline.sweep import SweepError
 from pipeline.hashing import content_hash
 from pipeline.plan import Plan, StageSpec, build_plan
+from tests.conftest import SweepRun
 from tests.test_sweep import BASE_SWEEP, fake_repo, sweep_with, write_sweep  # noqa: F401  (fake_repo is a fixture)
 
 TWO_PAIRS = ["resnet32x4:resnet8x4", "resnet56:resnet8x4"]
@@ -119,6 +126,94 @@ def test_runtime_settings_are_not_hashed(plan_of: Callable[..., Plan]) -> None:
     assert cuda.stages[teacher].runtime == {"data_root": "/data", "device": "cuda", "amp": False}
 
 
+_DATA_READING_FIELDS = [
+    ("kd", "teacher_stage"), ("kd", "teacher_evaluate_stage"), ("ft", "paraphraser_stage"), ("kd", "student_stage"),
+    ("vanilla", "student_stage"), ("kd", "evaluate_stage"), ("vanilla", "evaluate_stage"),
+]
+"""Every stage kind that reads the data set, by (method, experiment field)."""
+
+
+@pytest.fixture(scope="module")
+def cifar100_roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two data roots of official-format CIFAR-100 with other images, and a copy of the first elsewhere."""
+    from tests.test_data import settled, write_cifar100_root
+
+    base = tmp_path_factory.mktemp("cifar100_roots")
+    first, other = write_cifar100_root(base / "first", seed=0), write_cifar100_root(base / "other", seed=1)
+    copy = base / "elsewhere" / "copy"
+    shutil.copytree(first / "cifar-100-python", copy / "cifar-100-python")
+    return {"first": settled(first), "other": settled(other), "copy": settled(copy)}
+
+
+def _on_cifar100(root: Path | None) -> Callable[[dict[str, Any]], None]:
+    def change(sweep: dict[str, Any]) -> None:
+        sweep["axes"]["dataset"] = ["cifar100"]
+        if root is not None:
+            sweep["data_root"] = str(root)
+
+    return change
+
+
+def test_data_content_is_hashed_and_its_location_is_not(
+    plan_of: Callable[..., Plan], cifar100_roots: dict[str, Path]
+) -> None:
+    first, other, copy = (plan_of(_on_cifar100(cifar100_roots[name])) for name in ("first", "other", "copy"))
+    assert list(first.stages) == list(copy.stages), "the same files in another folder are the same stages"
+    for method, field in _DATA_READING_FIELDS:
+        assert experiment_stage(first, method, field) != experiment_stage(other, method, field), (method, field)
+    teacher = first.stages[experiment_stage(first, "kd", "teacher_stage")]
+    assert teacher.settings["dataset"]["fingerprint"] == fingerprint("cifar100", str(cifar100_roots["first"]))
+    assert teacher.runtime["data_root"] == str(cifar100_roots["first"])
+    assert copy.stages[teacher.name].runtime["data_root"] == str(cifar100_roots["copy"])
+
+
+def test_each_data_set_is_fingerprinted_once_per_plan(
+    plan_of: Callable[..., Plan], cifar100_roots: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    real = plan_module.dataset_fingerprint
+
+    def counted(dataset: Any, root: str | None) -> str:
+        calls.append(dataset.name)
+        return real(dataset, root)
+
+    monkeypatch.setattr(plan_module, "dataset_fingerprint", counted)
+
+    def many(sweep: dict[str, Any]) -> None:
+        _on_cifar100(cifar100_roots["first"])(sweep)
+        sweep["axes"].update(dataset=["cifar100", "digits"], pair=TWO_PAIRS, seed=[0, 1, 2])
+
+    assert len(plan_of(many).experiments) == 2 * 2 * 4 * 3
+    assert sorted(calls) == ["cifar100", "digits"]
+
+
+def test_without_a_data_root_the_plan_prints_and_submit_refuses(
+    plan_of: Callable[..., Plan], fake_repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.catalogue import load_catalogue
+    from stages.preflight import check_methods
+
+    monkeypatch.delenv("KDBENCH_DATA", raising=False)
+    plan = plan_of(_on_cifar100(None))
+    assert plan.format().count("\n") == len(plan.stages)
+    recorded = {stage.settings["dataset"]["fingerprint"] for stage in plan.stages.values()}
+    assert recorded == {NO_DATA_ROOT}
+    with pytest.raises(SweepError, match="data_root: data set cifar100 reads files"):
+        check_methods(plan, load_catalogue(fake_repo))
+
+
+def test_missing_data_files_are_named_when_planning(plan_of: Callable[..., Plan], tmp_path: Path) -> None:
+    with pytest.raises(DatasetNotFoundError) as raised:
+        plan_of(_on_cifar100(tmp_path / "empty"))
+    assert str(tmp_path / "empty" / "cifar-100-python.tar.gz") in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_config_json_records_the_fingerprint(tiny_in_process: SweepRun) -> None:
+    teacher = tiny_in_process.plan.stages[tiny_in_process.plan.experiments[0].teacher_stage]
+    config = json.loads(StageFolders(tiny_in_process.root, teacher.name).config.read_text())
+    assert config["settings"]["dataset"]["fingerprint"] == fingerprint("digits", None)
+
+
 def test_four_and_four_point_zero_hash_alike(plan_of: Callable[..., Plan]) -> None:
     assert content_hash({"temperature": 4, "lr": [1, 0.5]}) == content_hash({"lr": [1.0, 0.5], "temperature": 4.0})
     as_int = plan_of(lambda sweep: sweep["defaults"]["methods"].update(kd={"temperature": 4}))
@@ -141,7 +236,9 @@ def test_stage_names_and_settings(plan_of: Callable[..., Plan]) -> None:
         assert re.fullmatch(pattern, name) and plan.stages[name].hash.startswith(name[-8:])
 
     student = plan.stages[experiment_stage(plan, "ft", "student_stage")]
-    assert student.settings["dataset"] == {"name": "digits", "val_fraction": 0.1, "split_seed": 0}
+    assert student.settings["dataset"] == {
+        "name": "digits", "val_fraction": 0.1, "split_seed": 0, "fingerprint": fingerprint("digits", None)
+    }
     assert student.settings["training"]["seed"] == 0 and "device" not in student.settings["training"]
     assert student.settings["method"]["params"]["paraphraser_epochs"] == 2
     assert student.settings["method"]["params"]["recon_loss"] == "l1"
@@ -193,6 +290,7 @@ def test_repository_sweeps_plan_without_importing_torch() -> None:
         "demo = pipeline.plan.build_plan('configs/demo.yaml')\n"
         "full = pipeline.plan.build_plan('configs/example_full.yaml')\n"
         "assert 'torch' not in sys.modules, 'planning imported torch'\n"
+        "assert 'sklearn' not in sys.modules and 'numpy' not in sys.modules, 'fingerprinting digits imported them'\n"
         "print(len(demo.experiments), len(full.experiments))\n"
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True)
