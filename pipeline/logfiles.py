@@ -29,7 +29,8 @@ def read_log(path: Path) -> dict[str, Any]:
     """
     file = path / LOG_FILE if path.is_dir() else path
     if not file.is_file():
-        raise LogError(f"{file}: no such log (has the stage started?)")
+        started = (file.parent / "config.json").is_file()
+        raise LogError(f"{file}: no such log; " + (store.repair_advice(file) if started else "the stage has not started"))
     log = store.read_pickle(file)
     if not isinstance(log, dict):
         raise LogError(f"{file}: expected a dict, found {type(log).__name__}")

@@ -47,18 +47,37 @@ class Manifest:
 
 @contextmanager
 def submit_lock(jobs_dir: Path) -> Iterator[None]:
-    """Held for the whole of a submit, so two submits of one sweep never both submit a stage."""
+    """Held for the whole of a submit, so two submits of one sweep never both submit a stage.
+
+    Taken before anything slow (preflight imports torch), so a second submit is refused at once.
+    A submit refused before it wrote anything (a bad method setting found by preflight) leaves no
+    trace: the folders this call created for the lock are removed again.
+    """
+    created = [folder for folder in (jobs_dir, *jobs_dir.parents) if not folder.exists()]
     jobs_dir.mkdir(parents=True, exist_ok=True)
     lock_path = jobs_dir / "submit.lock"
     with open(lock_path, "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise SubmitLockedError(f"{lock_path}: another submit of this sweep is running; wait for it to end") from None
+            holder = lock_path.read_text().strip() or "?"
+            raise SubmitLockedError(
+                f"{lock_path}: another submit of this sweep (pid {holder}) is running; wait for it to end, "
+                "or see what it runs with: python runner.py status SWEEP"
+            ) from None
         handle.truncate(0)
         handle.write(f"{os.getpid()}\n")
         handle.flush()
         try:
             yield
+        except BaseException:
+            if created and sorted(path.name for path in jobs_dir.iterdir()) == ["submit.lock"]:
+                lock_path.unlink(missing_ok=True)
+                for folder in created:
+                    try:
+                        folder.rmdir()
+                    except OSError:
+                        break
+            raise
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)

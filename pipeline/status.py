@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.backends import LIVE_STATES, live_jobs
+from pipeline.leases import live_lease
 from pipeline.manifest import Manifest
-from pipeline.plan import Plan
+from pipeline.plan import Plan, StageSpec
+from pipeline.progress import read_progress
 from pipeline.store import StageFolders
 
 LiveJobs = Callable[[str, list[str]], dict[str, str]]
@@ -28,7 +30,7 @@ FINAL_RECORDED = ("failed", "cancelled", "rolled back")
 class StageStatus:
     name: str
     kind: str
-    state: str  # done | running | queued | failed | cancelled | blocked | not submitted
+    state: str  # done | damaged | running | queued | failed | cancelled | blocked | not submitted
     job_id: str = ""
     detail: str = ""
 
@@ -55,14 +57,22 @@ def sweep_status(plan: Plan, root: Path, manifest: Manifest, live_jobs: LiveJobs
     for name, spec in plan.stages.items():
         entry = manifest.stages.get(name, {})
         job_id = str(entry.get("job_id", ""))
-        if StageFolders(root, name).is_done():
+        folders = StageFolders(root, name)
+        if folders.is_done():
             statuses[name] = StageStatus(name, spec.kind, "done", job_id)
             continue
         failed_upstream = [up for up in spec.upstream.values() if statuses[up].state in ("failed", "cancelled", "blocked")]
         queue_state = live.get(job_id, "") if job_id else ""
+        holder = live_lease(folders.logs)
+        damage = folders.done_problem()
         if queue_state in LIVE_STATES and not failed_upstream:
             state = "running" if queue_state == "RUNNING" else "queued"
-            statuses[name] = StageStatus(name, spec.kind, state, job_id, queue_state.lower())
+            statuses[name] = StageStatus(name, spec.kind, state, job_id, running_detail(spec, folders, queue_state.lower()))
+        elif holder is not None:
+            where = f"running elsewhere: {holder.describe()}"
+            statuses[name] = StageStatus(name, spec.kind, "running", holder.job_id or "", running_detail(spec, folders, where))
+        elif damage is not None:
+            statuses[name] = StageStatus(name, spec.kind, "damaged", job_id, f"damaged: {damage}; runner.py submit rebuilds it")
         elif failed_upstream:
             statuses[name] = StageStatus(name, spec.kind, "blocked", job_id, f"upstream {failed_upstream[0]} did not finish")
         elif job_id or entry.get("state") in FINAL_RECORDED:
@@ -72,6 +82,12 @@ def sweep_status(plan: Plan, root: Path, manifest: Manifest, live_jobs: LiveJobs
         else:
             statuses[name] = StageStatus(name, spec.kind, "not submitted")
     return list(statuses.values())
+
+
+def running_detail(spec: StageSpec, folders: StageFolders, where: str) -> str:
+    """The queue state or holder, then the epoch, last loss and ETA read from the stage's log."""
+    progress = read_progress(spec, folders)
+    return where if progress is None else f"{where}, {progress.describe()}"
 
 
 def format_status(statuses: list[StageStatus]) -> str:

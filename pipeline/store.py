@@ -68,11 +68,21 @@ def write_pickle(path: Path, value: Any) -> None:
     write_atomic(path, pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
 
 
+def repair_advice(path: Path) -> str:
+    """The command that rebuilds a damaged file: its stage's, when it lies in a stage's logs folder."""
+    folder = path.parent
+    if path.name == "config.json":
+        return f"rebuild its stage from the sweep: python runner.py stage {folder.name} --sweep SWEEP --force"
+    if (folder / "config.json").is_file():
+        return f"rebuild its stage with: python runner.py stage {folder}"
+    return "delete it and run again the command that wrote it"
+
+
 def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CorruptFileError(f"{path}: not valid JSON ({error}); delete it and re-run the stage that wrote it") from None
+        raise CorruptFileError(f"{path}: not valid JSON ({error}); {repair_advice(path)}") from None
 
 
 def read_pickle(path: Path) -> Any:
@@ -80,9 +90,7 @@ def read_pickle(path: Path) -> Any:
         with path.open("rb") as stream:
             return pickle.load(stream)
     except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, ValueError) as error:
-        raise CorruptFileError(
-            f"{path}: corrupt pickle ({type(error).__name__}: {error}); delete it and re-run the stage that wrote it"
-        ) from None
+        raise CorruptFileError(f"{path}: corrupt pickle ({type(error).__name__}: {error}); {repair_advice(path)}") from None
 
 
 @dataclass(frozen=True)

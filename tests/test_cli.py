@@ -22,7 +22,7 @@ from pipeline.plan import build_plan
 from pipeline.store import StageFolders
 from tests.conftest import PNG_SIGNATURE, REPO, SweepRun, run_runner, stage_name, write_sweep
 
-COMMANDS = ("plan", "submit", "stage", "logs", "plot", "report", "demo")
+COMMANDS = ("plan", "submit", "stage", "invalidate", "status", "cancel", "logs", "plot", "report", "demo")
 
 
 # 9. A bad sweep is refused before anything is written ---------------------------------------------------
