@@ -21,7 +21,7 @@ import torch
 
 import runner
 from pipeline.logfiles import LogError, read_log
-from pipeline.manifest import Manifest
+from pipeline.manifest import Manifest, submit_lock
 from pipeline.plan import build_plan
 from pipeline.store import CorruptFileError, StageFolders
 from stages import run_stage
@@ -260,6 +260,22 @@ def test_second_submit_skips_every_stage(tiny_submitted: SweepRun) -> None:
     assert set(manifest.stages) == set(plan.stages)
     assert {entry["state"] for entry in manifest.stages.values()} == {"done"}
     assert temporary_files(root / "logs", root / "weights") == []
+
+
+def test_a_locked_submit_is_refused_before_importing_torch(tmp_path: Path) -> None:
+    sweep = write_sweep(tmp_path / "tiny.yaml")
+    script = (
+        "import sys, runner; code = runner.main(sys.argv[1:]); "
+        "assert 'torch' not in sys.modules, 'a refused submit imported torch'; sys.exit(code)"
+    )
+    with submit_lock(tmp_path / "out" / "jobs" / "tiny"):
+        result = subprocess.run(
+            [sys.executable, "-c", script, "submit", str(sweep), "--root", str(tmp_path / "out")],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+        )
+    assert result.returncode == 2, result.stderr
+    assert f"another submit of this sweep (pid {os.getpid()}) is running" in result.stderr
+    assert result.stderr.count("\n") == 1
 
 
 # 8. A failing stage blocks only its dependants -----------------------------------------------------------------
