@@ -22,7 +22,7 @@ import platform
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -63,7 +63,6 @@ class StageRun:
     device: torch.device
     lease: StageLease
     repaired: str | None = None
-    notes: list[str] = field(default_factory=list)
 
     @property
     def amp(self) -> bool:
