@@ -151,10 +151,15 @@ def command_cancel(args: argparse.Namespace) -> int:
     plan = build_plan(Path(args.sweep))
     root = output_root(args)
     manifest = Manifest.load(root / "jobs" / plan.sweep_name)
-    chosen = [
+    active = [
         status for status in current_status(plan, root)
         if status.state in ("queued", "running") and (args.stage is None or status.kind == args.stage)
     ]
+    # Only this sweep's own jobs: a stage another sweep or user is running is theirs to cancel.
+    chosen = [status for status in active if status.job_id and str(manifest.stages.get(status.name, {}).get("job_id", "")) == status.job_id]
+    for status in active:
+        if status not in chosen:
+            print(f"not cancelled: {status.name} is run by another sweep or user ({status.detail})")
     by_backend: dict[str, list[str]] = {}
     for status in chosen:
         by_backend.setdefault(manifest.stages[status.name].get("backend", "local"), []).append(status.job_id)
