@@ -23,16 +23,19 @@ from pipeline.store import StageFolders
 LiveJobs = Callable[[str, list[str]], dict[str, str]]
 """(backend name, job ids) -> {job id: scheduler state} for the jobs still queued or running."""
 
-FINAL_RECORDED = ("failed", "cancelled", "rolled back")
+FINAL_RECORDED = ("failed", "cancelled", "rolled back", "refused")
 
 
 @dataclass(frozen=True)
 class StageStatus:
     name: str
     kind: str
-    state: str  # done | damaged | running | queued | failed | cancelled | blocked | not submitted
+    state: str  # done | damaged | running | queued | failed | cancelled | refused | rolled back | blocked | not submitted
     job_id: str = ""
     detail: str = ""
+    in_queue: bool = False
+    """The stage's recorded job is still listed by the scheduler, whatever the state says: a blocked
+    stage's task pends until afterany lets it start, and fail on its missing upstream."""
 
 
 def stderr_tail(path: str | None, lines: int = 3) -> str:
@@ -63,21 +66,29 @@ def sweep_status(plan: Plan, root: Path, manifest: Manifest, live_jobs: LiveJobs
             continue
         failed_upstream = [up for up in spec.upstream.values() if statuses[up].state in ("failed", "cancelled", "blocked")]
         queue_state = live.get(job_id, "") if job_id else ""
+        in_queue = queue_state in LIVE_STATES
         holder = live_lease(folders.logs)
         damage = folders.done_problem()
         if queue_state in LIVE_STATES and not failed_upstream:
             state = "running" if queue_state == "RUNNING" else "queued"
-            statuses[name] = StageStatus(name, spec.kind, state, job_id, running_detail(spec, folders, queue_state.lower()))
+            statuses[name] = StageStatus(name, spec.kind, state, job_id, running_detail(spec, folders, queue_state.lower()), True)
         elif holder is not None:
             where = f"running elsewhere: {holder.describe()}"
-            statuses[name] = StageStatus(name, spec.kind, "running", holder.job_id or "", running_detail(spec, folders, where))
+            statuses[name] = StageStatus(name, spec.kind, "running", holder.job_id or "", running_detail(spec, folders, where), in_queue)
         elif damage is not None:
-            statuses[name] = StageStatus(name, spec.kind, "damaged", job_id, f"damaged: {damage}; runner.py submit rebuilds it")
+            statuses[name] = StageStatus(name, spec.kind, "damaged", job_id, f"damaged: {damage}; runner.py submit rebuilds it", in_queue)
         elif failed_upstream:
-            statuses[name] = StageStatus(name, spec.kind, "blocked", job_id, f"upstream {failed_upstream[0]} did not finish")
+            statuses[name] = StageStatus(name, spec.kind, "blocked", job_id, f"upstream {failed_upstream[0]} did not finish", in_queue)
         elif job_id or entry.get("state") in FINAL_RECORDED:
-            state = "cancelled" if entry.get("state") == "cancelled" else "failed"
-            detail = stderr_tail(entry.get("stderr")) or entry.get("error", "")
+            recorded = entry.get("state")
+            if recorded == "refused":
+                state, detail = "refused", f"refused by scheduler: {entry.get('reason', '')}"
+            elif recorded == "rolled back":
+                refused = entry.get("refused_array", "")
+                state, detail = "rolled back", f"rolled back: the {refused} array was refused by scheduler: {entry.get('reason', '')}"
+            else:
+                state = "cancelled" if recorded == "cancelled" else "failed"
+                detail = stderr_tail(entry.get("stderr")) or entry.get("error", "")
             statuses[name] = StageStatus(name, spec.kind, state, job_id, detail)
         else:
             statuses[name] = StageStatus(name, spec.kind, "not submitted")
@@ -108,9 +119,10 @@ def current_status(plan: Plan, root: Path) -> list[StageStatus]:
 
 
 def wait_for(plan: Plan, root: Path, poll_seconds: float = 5.0) -> bool:
-    """Polls files and the queue until no stage is queued or running; True if all are done."""
+    """Polls files and the queue until none of the sweep's recorded jobs is still queued or running,
+    blocked stages' jobs included; True if all stages are done."""
     while True:
         statuses = current_status(plan, root)
-        if not any(status.state in ("queued", "running") for status in statuses):
+        if not any(status.in_queue or status.state in ("queued", "running") for status in statuses):
             return all(status.state == "done" for status in statuses)
         time.sleep(poll_seconds)

@@ -117,6 +117,17 @@ def test_torque_single_job_script(tmp_path: Path, scheduler: Scheduler) -> None:
     )
 
 
+# Dependencies name whole jobs and whole arrays, never one subjob (102_3 stands for its array 102):
+# * PBS Pro / OpenPBS qsub(1B), "-W depend=dependency_list": the arg_list is PBS job IDs, and an array
+#   job's ID is "sequence_number[]" (openpbs/openpbs doc/man1/qsub.1B); the PBS Professional User's
+#   Guide, "Job Array Dependencies": dependencies are not supported for subjobs or ranges of subjobs.
+# * Torque qsub(1), "-W depend=dependency_list", "Array Dependencies": "afterokarray:arrayid[count]",
+#   "afteranyarray:arrayid[count]", example "depend=afterokarray:21.tom.com[]"; no dependency on a single
+#   subjob is documented (adaptivecomputing/torque doc/man1/qsub.1.in).
+# * Slurm's Torque wrapper hands the list to sbatch --dependency, where a bare array id means the whole
+#   array (Slurm's job_array.html, "Other Command Use").
+
+
 def array_of_three(folder: Path, dialect: str, **options: object) -> list[pbs.PBSJob]:
     executor = pbs.PBSExecutor(folder, dialect=dialect, python=PYTHON, **options)
     executor.update_parameters(job_name="students", dependency=["101.pbs01", "102_3"], dependency_type="afterok")
@@ -137,7 +148,7 @@ def test_pro_array_with_dependency_is_one_qsub(tmp_path: Path, scheduler: Schedu
         "#PBS -l select=1:ncpus=1\n"
         "#PBS -l walltime=00:05:00\n"
         "#PBS -J 0-2\n"
-        "#PBS -W depend=afterok:101:102[3]\n"
+        "#PBS -W depend=afterok:101:102[]\n"
         "\n"
         'cd "${PBS_O_WORKDIR:-.}"\n'
         "export SUBMITIT_EXECUTOR=pbs\n"
@@ -155,7 +166,7 @@ def test_torque_array_with_dependency(tmp_path: Path, scheduler: Scheduler) -> N
         "#PBS -l nodes=1:ppn=1\n"
         "#PBS -l walltime=00:05:00\n"
         "#PBS -t 0-2\n"
-        "#PBS -W depend=afterok:101:102[3]\n"
+        "#PBS -W depend=afterok:101,afterokarray:102[]\n"
         "\n"
         'cd "${PBS_O_WORKDIR:-.}"\n'
         "export SUBMITIT_EXECUTOR=pbs\n"
@@ -163,11 +174,11 @@ def test_torque_array_with_dependency(tmp_path: Path, scheduler: Scheduler) -> N
     )
 
 
-def test_slurm_wrappers_keep_slurm_ids_in_dependencies(tmp_path: Path, scheduler: Scheduler) -> None:
+def test_slurm_wrappers_name_whole_arrays_by_their_slurm_id(tmp_path: Path, scheduler: Scheduler) -> None:
     scheduler.outputs = ["57\n"]  # Slurm's qsub prints sbatch's bare id, for arrays too
     jobs = array_of_three(tmp_path, "torque", slurm_wrappers=True)
     assert [job.job_id for job in jobs] == ["57_0", "57_1", "57_2"]
-    assert "#PBS -W depend=afterok:101:102_3\n" in submitted_script(jobs[0])
+    assert "#PBS -W depend=afterok:101:102\n" in submitted_script(jobs[0])
     assert scheduler.sent[0][5].endswith("_%a.err")
 
 
@@ -194,7 +205,19 @@ def test_afterany_and_fractional_memory() -> None:
     request = scripts.make_request({"mem_gb": 0.5, "dependency": ["7_1"], "dependency_type": "afterany"})
     text = scripts.submission_script(request, "pro", "true", array_size=2)
     assert "#PBS -l select=1:ncpus=1:mem=512mb\n" in text
-    assert "#PBS -W depend=afterany:7[1]\n" in text
+    assert "#PBS -W depend=afterany:7[]\n" in text
+
+
+@pytest.mark.parametrize("dialect, slurm_wrappers, line", [
+    ("pro", False, "#PBS -W depend=afterany:7[]:8:9[]\n"),
+    ("torque", False, "#PBS -W depend=afterany:8,afteranyarray:7[],afteranyarray:9[]\n"),
+    ("torque", True, "#PBS -W depend=afterany:7:8:9\n"),
+])
+def test_dependencies_on_subjobs_wait_on_their_whole_arrays(dialect: str, slurm_wrappers: bool, line: str) -> None:
+    # Two subjobs of array 7, the single job 8 and the whole array 9 (as PBSScheduler.dependency_id names it).
+    request = scripts.make_request({"dependency": ["7_1", "7_2", "8", "9[]"], "dependency_type": "afterany"})
+    script = scripts.submission_script(request, dialect, "true", array_size=2, slurm_wrappers=slurm_wrappers)
+    assert [text + "\n" for text in script.splitlines() if text.startswith("#PBS -W")] == [line]
 
 
 @pytest.mark.parametrize("parameters, named", [
@@ -460,11 +483,14 @@ def test_scheduler_maps_sweep_resources(tmp_path: Path, scheduler: Scheduler, mo
     monkeypatch.setattr(pbs.shutil, "which", lambda name: f"/usr/bin/{name}")
     resources = {"time_min": 720, "cpus": 4, "gpus": 1, "mem_gb": 16, "queue": "gpuq", "account": "proj",
                  "partition": "ignored", "pbs_dialect": "torque"}
-    executor = pbs.PBSScheduler(slurm_wrappers=False).executor(tmp_path, resources, ["101_0", "101_1"], "tiny-train_student")
+    pbs_scheduler = pbs.PBSScheduler(slurm_wrappers=False)
+    after = sorted({pbs_scheduler.dependency_id(job_id) for job_id in ("101_0", "101_1", "99")})
+    assert after == ["101[]", "99"] and not pbs_scheduler.task_dependencies
+    executor = pbs_scheduler.executor(tmp_path, resources, after, "tiny-train_student")
     assert executor.dialect == "torque"
     assert executor.parameters == {
         "job_name": "tiny-train_student", "timeout_min": 720, "cpus_per_task": 4, "gpus_per_node": 1, "mem_gb": 16.0,
-        "queue": "gpuq", "account": "proj", "dependency": ["101_0", "101_1"], "dependency_type": "afterany",
+        "queue": "gpuq", "account": "proj", "dependency": ["101[]", "99"], "dependency_type": "afterany",
     }
 
 

@@ -6,8 +6,8 @@ submitit has no PBS support; this plugs into its core the way its own SlurmExecu
 
     executor = PBSExecutor("jobs/%j", dialect="pro")          # or dialect="torque"
     executor.update_parameters(cpus_per_task=4, gpus_per_node=1, mem_gb=16, timeout_min=120,
-                               queue="gpu", account="proj", dependency=["101", "102_3"],
-                               dependency_type="afterany")
+                               queue="gpu", account="proj", dependency=["101", "102[]"],
+                               dependency_type="afterany")            # job 101 and all of array 102
     with executor.batch():                                    # 2 or more submissions: one qsub array
         jobs = [executor.submit(train, config) for config in configs]
     jobs[0].state                                             # PENDING, RUNNING, COMPLETED, FAILED...
@@ -167,10 +167,11 @@ class PBSExecutor(core.PicklingExecutor):
     """Submits to PBS Pro (``dialect="pro"``) or Torque (``dialect="torque"``).
 
     Parameters of ``update_parameters`` are the fields of ``pbs_scripts.PBSRequest``: job_name,
-    timeout_min, cpus_per_task, gpus_per_node, mem_gb, queue, account, dependency (job ids),
-    dependency_type (afterok | afterany), setup (shell lines run before Python), directives (extra
-    ``#PBS`` lines). One task on one node per job. ``slurm_wrappers=True`` when qsub is Slurm's Torque
-    wrapper: dependencies on array tasks are then written ``123_4``, as sbatch reads them.
+    timeout_min, cpus_per_task, gpus_per_node, mem_gb, queue, account, dependency (job ids; a subjob
+    ``123_4`` stands for its whole array ``123[]``, see ``pbs_scripts.dependency_line``), dependency_type
+    (afterok | afterany), setup (shell lines run before Python), directives (extra ``#PBS`` lines). One
+    task on one node per job. ``slurm_wrappers=True`` when qsub is Slurm's Torque wrapper: dependencies
+    are then written with Slurm's ids (``123`` for a whole array), as sbatch reads them.
     """
 
     job_class: tp.Type[core.Job[tp.Any]] = PBSJob
@@ -295,14 +296,22 @@ class PBSScheduler:
 
     A sweep's resources map to ``update_parameters``: time_min, cpus, gpus, mem_gb, queue, account;
     ``pbs_dialect`` picks the dialect (default pro); Slurm-only keys (partition, qos, constraint,
-    extra_sbatch) are not PBS requests and are left out. Upstream jobs are ``afterany`` dependencies.
+    extra_sbatch) are not PBS requests and are left out. Upstream jobs are ``afterany`` dependencies on
+    whole jobs and arrays, the only ones PBS Pro and Torque document; a subjob cannot be given its own
+    dependencies after submission, so the backend splits a kind's stages by the arrays they wait on.
     """
 
     name = "pbs"
+    task_dependencies = False
 
     def __init__(self, slurm_wrappers: bool | None = None) -> None:
         self.calls = 0
         self.slurm_wrappers = slurm_wrappers_installed() if slurm_wrappers is None else slurm_wrappers
+
+    @staticmethod
+    def dependency_id(job_id: str) -> str:
+        """``123`` for a job, ``123[]`` for a subjob's whole array: what a PBS dependency can name."""
+        return scripts.whole_array(job_id)
 
     def executor(self, folder: Path, resources: dict[str, tp.Any], after: list[str], job_name: str) -> PBSExecutor:
         if shutil.which("qsub") is None:

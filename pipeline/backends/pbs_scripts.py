@@ -14,7 +14,7 @@ through Slurm's wrappers, a bare ``123``. submitit's id for a job is the sequenc
 (``123``), and for array task 4 it is ``123_4``: the same form as SlurmExecutor's, so submitit's
 ``%j`` and ``%A_%a`` path substitution work unchanged, and the job finds the same id from its own
 environment whatever server suffix the site prints. Commands address jobs as ``123`` or ``123[4]``
-on the default server.
+on the default server; dependencies name whole arrays, ``123[]`` (see ``dependency_line``).
 """
 from __future__ import annotations
 
@@ -147,10 +147,37 @@ def scheduler_id(job_id: str) -> str:
     return sequence if index is None else f"{sequence}[{index}]"
 
 
-def dependency_line(job_ids: tuple[str, ...], dependency_type: str, slurm_wrappers: bool = False) -> str:
-    """``-W depend=afterok:123:124[2]``. Through Slurm's wrappers the ids stay ``123_2``: sbatch reads them."""
-    convert = submitit_id if slurm_wrappers else scheduler_id
-    return f"-W depend={dependency_type}:" + ":".join(convert(job_id) for job_id in job_ids)
+def whole_array(job_id: str) -> str:
+    """What a dependency on ``job_id`` can name: a job (``123``) itself, a subjob (``123_4``) only as its whole
+    array (``123[]``). PBS Pro and Torque document dependencies on jobs and whole arrays, none on a subjob."""
+    match = _JOB_ID.match(job_id.strip())
+    if match is not None and match["index"] == "":
+        return f"{match['sequence']}[]"
+    sequence, index = split_job_id(job_id)
+    return sequence if index is None else f"{sequence}[]"
+
+
+def dependency_line(job_ids: tuple[str, ...], dependency_type: str, dialect: str, slurm_wrappers: bool = False) -> str:
+    """``-W depend=...`` on the jobs and whole arrays ``job_ids`` name (a subjob id stands for its array),
+    written as each dialect documents it:
+
+    * pro: ``afterany:101:102[]``. PBS Pro's qsub(1B) takes PBS job ids, an array's id being ``102[]``; its
+      User's Guide supports no dependency on subjobs or ranges of subjobs.
+    * torque: ``afterany:101,afteranyarray:102[]``. Torque's qsub(1) has the ``afterokarray`` and
+      ``afteranyarray`` types for arrays (``afteranyarray:arrayid[count]``) and documents no dependency
+      on a single subjob; each array gets its own entry, as in its example.
+    * Slurm's wrappers hand the list to sbatch, which reads a bare array id as the whole array:
+      ``afterany:101:102``.
+    """
+    targets = list(dict.fromkeys(whole_array(job_id) for job_id in job_ids))
+    if slurm_wrappers:
+        return f"-W depend={dependency_type}:" + ":".join(target.removesuffix("[]") for target in targets)
+    if dialect == "pro":
+        return f"-W depend={dependency_type}:" + ":".join(targets)
+    jobs = [target for target in targets if not target.endswith("[]")]
+    entries = [f"{dependency_type}:" + ":".join(jobs)] if jobs else []
+    entries += [f"{dependency_type}array:{target}" for target in targets if target.endswith("[]")]
+    return "-W depend=" + ",".join(entries)
 
 
 def submission_script(
@@ -165,7 +192,7 @@ def submission_script(
     if array_size is not None:
         directives.append(array_line(dialect, array_size))
     if request.dependency:
-        directives.append(dependency_line(request.dependency, request.dependency_type, slurm_wrappers))
+        directives.append(dependency_line(request.dependency, request.dependency_type, dialect, slurm_wrappers))
     directives.extend(request.directives)
     lines = ["#!/bin/bash", *(f"#PBS {directive}" for directive in directives), ""]
     lines.append('cd "${PBS_O_WORKDIR:-.}"')  # PBS starts jobs in $HOME; run where qsub ran, as Slurm does

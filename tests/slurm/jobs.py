@@ -1,4 +1,4 @@
-"""Submitting to and watching jobs on the test cluster, with every wait bounded.
+"""Submitting to and watching jobs on the test cluster, with every wait bounded, and a fake stage job.
 
 States come from ``sacct`` (the accounting database), which keeps a job after ``squeue`` forgets it;
 a job can take a moment to show up there after ``sbatch`` returns, so the waits poll.
@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
+from pipeline.store import StageFolders
 from tests.slurm.cluster import LocalSlurmCluster
 
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
@@ -68,3 +69,30 @@ def wait_file_text(path: Path, expected: str, timeout: float = 60) -> None:
     """Waits until ``path`` holds ``expected`` (stripped): how a job tells the test it got somewhere."""
     wait_for(lambda: path.read_text().strip() if path.is_file() else None, lambda text: text == expected,
              timeout, f"{path} to read {expected!r}")
+
+
+def fake_stage(spec: dict[str, Any], root: str) -> str:
+    """A stage job that trains nothing, for tests of when jobs start: submit it in place of StageJob.
+
+    It fails unless its upstream stages are DONE (as a real stage does), sleeps the seconds written in
+    ``<root>/sleep/<stage>`` if that file exists, writes DONE, and records ``<start> <end>`` (epoch
+    seconds) in ``<root>/times/<stage>``. The jobs import it by name: put the repository on PYTHONPATH.
+    """
+    folder, name = Path(root), spec["name"]
+    started = time.time()
+    missing = [up for up in spec["upstream"].values() if not StageFolders(folder, up).is_done()]
+    if missing:
+        raise RuntimeError(f"{name} started before its upstream {missing[0]} was DONE")
+    delay = folder / "sleep" / name
+    if delay.is_file():
+        time.sleep(float(delay.read_text()))
+    StageFolders(folder, name).mark_done()
+    (folder / "times").mkdir(exist_ok=True)
+    (folder / "times" / name).write_text(f"{started} {time.time()}")
+    return name
+
+
+def stage_times(root: Path, name: str) -> tuple[float, float]:
+    """(start, end) that ``fake_stage`` recorded for a stage."""
+    start, end = (root / "times" / name).read_text().split()
+    return float(start), float(end)

@@ -16,10 +16,13 @@ from typing import Any
 import pytest
 import yaml
 
+from pipeline.backends.cluster import ClusterBackend
+from pipeline.backends.slurm import SlurmScheduler
 from pipeline.logfiles import read_log
-from pipeline.manifest import Manifest
+from pipeline.manifest import Manifest, submit_lock
 from pipeline.plan import build_plan
 from pipeline.store import StageFolders
+from tests.slurm.jobs import fake_stage, stage_times
 
 REPO = Path(__file__).resolve().parents[2]
 RESOURCES = {"default": {"cpus": 1, "mem_gb": 1, "time_min": 10}}
@@ -44,7 +47,9 @@ def wait_until(condition, timeout: float, what: str) -> None:
 
 
 def our_jobs() -> list[str]:
-    return subprocess.run(["squeue", "--noheader", "--format=%i"], capture_output=True, text=True, check=True).stdout.split()
+    """Every job and array task in the queue, one id each (``--array``: pending tasks are not folded into ``7_[0-3]``)."""
+    listed = subprocess.run(["squeue", "--noheader", "--array", "--format=%i"], capture_output=True, text=True, check=True)
+    return listed.stdout.split()
 
 
 def test_shared_teacher_and_paraphraser_go_out_as_one_array_per_kind(slurm_cluster, tmp_path: Path) -> None:
@@ -58,7 +63,8 @@ def test_shared_teacher_and_paraphraser_go_out_as_one_array_per_kind(slurm_clust
     assert result.returncode == 0, result.stdout + result.stderr
     plan = build_plan(sweep)
     assert "submitted 9 stage(s) in 4 array(s)" in result.stdout  # teacher, paraphraser, students, evaluates
-    assert "4 scheduler call(s)" in result.stdout
+    # One sbatch per array, and one scontrol each narrowing the students' and the evaluates' waits.
+    assert "6 scheduler call(s)" in result.stdout
     assert all(StageFolders(root, name).is_done() for name in plan.stages)
 
     manifest = Manifest.load(root / "jobs" / "slurm-tiny").stages
@@ -69,7 +75,7 @@ def test_shared_teacher_and_paraphraser_go_out_as_one_array_per_kind(slurm_clust
 
     again = runner("submit", str(sweep), "--backend", "slurm", "--root", str(root))
     assert again.returncode == 0, again.stderr
-    assert "submitted 0 stage(s)" in again.stdout and "9 already DONE" in again.stdout
+    assert "nothing to do: all 9 stages of sweep 'slurm-tiny' are DONE" in again.stdout
 
 
 def test_a_failed_teacher_fails_only_its_own_dependants(slurm_cluster, tmp_path: Path) -> None:
@@ -82,6 +88,8 @@ def test_a_failed_teacher_fails_only_its_own_dependants(slurm_cluster, tmp_path:
     root = tmp_path / "out"
     result = runner("submit", str(sweep), "--backend", "slurm", "--wait", "--root", str(root))
     assert result.returncode == 1, result.stdout + result.stderr
+    recorded = {entry["job_id"] for entry in Manifest.load(root / "jobs" / "slurm-fail").stages.values()}
+    assert not recorded & set(our_jobs())  # --wait returned only once the doomed students had left the queue
     plan = build_plan(sweep)
     good, bad = plan.experiments
     assert StageFolders(root, good.evaluate_stage).is_done()
@@ -140,13 +148,24 @@ def test_a_partition_the_cluster_lacks_is_refused_and_rolled_back(slurm_cluster,
     root = tmp_path / "out"
     result = runner("submit", str(sweep), "--backend", "slurm", "--root", str(root))
     assert result.returncode == 2
-    error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(error) == 1, result.stderr
+    error = result.stderr.splitlines()
+    assert len(error) == 1 and error[0].startswith("error: "), result.stderr  # sbatch's own lines are inside it
     assert "invalid partition" in error[0].lower() and "train_student array" in error[0], error[0]
-    manifest = Manifest.load(root / "jobs" / "slurm-refused").stages
-    teacher_job = next(entry["job_id"] for entry in manifest.values() if entry["kind"] == "train_teacher")
-    assert manifest and all(entry["state"] == "rolled back" for entry in manifest.values())
+    jobs_dir = root / "jobs" / "slurm-refused"
+    manifest = Manifest.load(jobs_dir).stages
+    experiment = build_plan(sweep).experiments[0]
+    teacher_job = manifest[experiment.teacher_stage]["job_id"]
+    assert manifest[experiment.student_stage]["state"] == "refused"
+    assert {entry["state"] for name, entry in manifest.items() if name != experiment.student_stage} == {"rolled back"}
+    reason = manifest[experiment.student_stage]["reason"]
+    assert "invalid partition" in reason.lower() and reason in error[0]
     wait_until(lambda: teacher_job not in our_jobs(), 30, "the rolled-back teacher to leave the queue")
+    assert not [path for path in (jobs_dir / "slurm").rglob("*") if path.is_file()]  # no pickles, no scripts
+
+    status = runner("status", str(sweep), "--root", str(root))
+    rows = {line.split()[0]: line for line in status.stdout.splitlines()[1:-1]}
+    assert f"refused by scheduler: {reason}" in rows[experiment.student_stage]
+    assert f"the train_student array was refused by scheduler: {reason}" in rows[experiment.teacher_stage]
 
 
 def test_status_and_cancel_on_a_running_sweep(slurm_cluster, tmp_path: Path) -> None:
@@ -171,3 +190,38 @@ def test_status_and_cancel_on_a_running_sweep(slurm_cluster, tmp_path: Path) -> 
     rows = {line.split()[0]: line.split()[1] for line in after.stdout.splitlines()[1:-1]}
     assert rows[experiment.teacher_stage] == "cancelled"
     assert rows[experiment.student_stage] == "blocked"
+
+
+SLOW_TEACHER_S = 30
+
+
+def test_a_stage_waits_only_on_its_own_upstream_jobs(slurm_cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One teacher sleeps: the vanilla student (no teacher) and the fast teacher's students and evaluates
+    all run meanwhile; only the slow teacher's own dependants wait for it. Fake stage jobs (tests/slurm/jobs.py)."""
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # the jobs import tests.slurm.jobs
+    sweep = write_sweep(
+        tmp_path, "slurm-waits",
+        {"pair": ["resnet20:resnet8x0.25", "resnet56:resnet8x0.25"], "method": ["vanilla", "kd"]},
+        {"teacher": {"epochs": 1}, "student": {"epochs": 1}},
+    )
+    plan = build_plan(sweep)
+    fast = [experiment for experiment in plan.experiments if experiment.teacher == "resnet20"]
+    slow = [experiment for experiment in plan.experiments if experiment.teacher == "resnet56"]
+    root, jobs_dir = tmp_path / "out", tmp_path / "out" / "jobs" / "slurm-waits"
+    (root / "sleep").mkdir(parents=True)
+    (root / "sleep" / slow[0].teacher_stage).write_text(str(SLOW_TEACHER_S))
+    scheduler = SlurmScheduler()
+    with submit_lock(jobs_dir):
+        summary = ClusterBackend(scheduler, root, jobs_dir, fake_stage, report=print).submit(plan)
+    assert summary.arrays == 3
+    wait_until(lambda: all(StageFolders(root, name).is_done() for name in plan.stages), 300, "every stage to be DONE")
+
+    slow_teacher_done = stage_times(root, slow[0].teacher_stage)[1]
+    vanilla = next(experiment for experiment in fast if experiment.method == "vanilla")
+    kd = next(experiment for experiment in fast if experiment.method == "kd")
+    for name in (vanilla.student_stage, kd.student_stage, kd.evaluate_stage, vanilla.evaluate_stage, kd.teacher_evaluate_stage):
+        assert stage_times(root, name)[0] < slow_teacher_done, f"{name} waited for the slow teacher"
+    assert stage_times(root, kd.evaluate_stage)[0] >= stage_times(root, kd.student_stage)[1]  # and for its own student
+    for experiment in slow:
+        assert stage_times(root, experiment.evaluate_stage)[0] >= slow_teacher_done
+    assert stage_times(root, next(e for e in slow if e.method == "kd").student_stage)[0] >= slow_teacher_done
