@@ -93,7 +93,7 @@ def run_sweep(plan: Plan, root: Path, backend: str, max_parallel: int | None = N
         preflight(plan, root, list(to_run))
         if backend == "local":
             return run_local(plan, root, to_run, max_parallel)
-        submit_to_cluster(plan, root, backend, jobs_dir)
+        submit_to_cluster(plan, root, backend, jobs_dir, to_run)
         return True
 
 
@@ -102,7 +102,7 @@ def export_repo_path() -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
 
-def submit_to_cluster(plan: Plan, root: Path, backend: str, jobs_dir: Path) -> None:
+def submit_to_cluster(plan: Plan, root: Path, backend: str, jobs_dir: Path, to_run: dict[str, str]) -> None:
     from pipeline.backends import cluster_scheduler
     from pipeline.backends.cluster import ClusterBackend
     from stages import StageJob
@@ -110,10 +110,11 @@ def submit_to_cluster(plan: Plan, root: Path, backend: str, jobs_dir: Path) -> N
     export_repo_path()
     scheduler = cluster_scheduler(backend)
     started = time.perf_counter()
-    summary = ClusterBackend(scheduler, root, jobs_dir, StageJob()).submit(plan)
+    summary = ClusterBackend(scheduler, root, jobs_dir, StageJob()).submit(plan, to_run)
     print(
         f"{backend}: submitted {len(summary.submitted)} stage(s) in {summary.arrays} array(s); "
-        f"{len(summary.skipped_done)} already DONE, {len(summary.skipped_live)} still queued or running; "
+        f"{len(summary.skipped_done)} already DONE, {len(summary.skipped_live)} still queued or running, "
+        f"{len(summary.skipped_elsewhere)} queued or running for another sweep or runner; "
         f"{scheduler.calls} scheduler call(s) in {time.perf_counter() - started:.2f} s; manifest {jobs_dir / 'manifest.json'}"
     )
 

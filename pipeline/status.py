@@ -50,8 +50,9 @@ def sweep_status(plan: Plan, root: Path, manifest: Manifest, live_jobs: LiveJobs
     by_backend: dict[str, list[str]] = {}
     for name in plan.stages:
         entry = manifest.stages.get(name, {})
-        if entry.get("job_id") and not StageFolders(root, name).is_done():
-            by_backend.setdefault(entry.get("backend", "local"), []).append(str(entry["job_id"]))
+        for key in ("job_id", "held_by_job"):  # this sweep's job, or another sweep's it waits on
+            if entry.get(key) and not StageFolders(root, name).is_done():
+                by_backend.setdefault(entry.get("backend", "local"), []).append(str(entry[key]))
     live: dict[str, str] = {}
     for backend, job_ids in by_backend.items():
         live.update(live_jobs(backend, job_ids))
@@ -75,6 +76,9 @@ def sweep_status(plan: Plan, root: Path, manifest: Manifest, live_jobs: LiveJobs
         elif holder is not None:
             where = f"running elsewhere: {holder.describe()}"
             statuses[name] = StageStatus(name, spec.kind, "running", holder.job_id or "", running_detail(spec, folders, where), in_queue)
+        elif live.get(str(entry.get("held_by_job", "")), "") in LIVE_STATES:
+            state = "running" if live[str(entry["held_by_job"])] == "RUNNING" else "queued"
+            statuses[name] = StageStatus(name, spec.kind, state, "", f"{state} for {entry['held_by']}", True)
         elif damage is not None:
             statuses[name] = StageStatus(name, spec.kind, "damaged", job_id, f"damaged: {damage}; runner.py submit rebuilds it", in_queue)
         elif failed_upstream:

@@ -173,3 +173,42 @@ def test_a_resubmit_after_kill_9_of_submit_starts_no_second_copy(tmp_path: Path)
     assert_trained_once(folders)
     assert read_log(folders.logs)["environment"]["pid"] == holder.pid
     assert all(StageFolders(root, name).is_done() for name in plan.stages)
+
+
+# On a cluster: a stage another sweep queued, or another runner holds, is not submitted again ----------------
+
+def test_a_cluster_submit_waits_on_the_teacher_job_another_sweep_queued(tmp_path: Path) -> None:
+    from pipeline.backends.cluster import ClusterBackend
+    from tests.test_backends import RecordingScheduler, noop
+
+    first, second = sharing_sweeps(tmp_path)
+    root = tmp_path / "out"
+    plan_first, plan_second = build_plan(first), build_plan(second)
+    teacher = stage_name(plan_first, "teacher_stage")
+    scheduler = RecordingScheduler(tmp_path / "debug")
+    submitted = ClusterBackend(scheduler, root, root / "jobs" / "first", noop, report=lambda _: None).submit(plan_first).submitted
+    scheduler.queue = {job: "PENDING" for job in submitted.values()}  # nothing has started: no lease yet
+
+    summary = ClusterBackend(scheduler, root, root / "jobs" / "second", noop, report=lambda _: None).submit(plan_second)
+    assert teacher not in summary.submitted and summary.skipped_elsewhere[teacher] == f"sweep first, job {submitted[teacher]}"
+    manifest = Manifest.load(root / "jobs" / "second").stages
+    assert "job_id" not in manifest[teacher] and manifest[teacher]["held_by_job"] == submitted[teacher]
+    student = stage_name(plan_second, "student_stage")
+    assert submitted[teacher] in manifest[student]["after"]  # its own teacher is the first sweep's job
+
+
+def test_a_cluster_submit_skips_a_stage_whose_live_runner_holds_its_lease(tmp_path: Path) -> None:
+    from pipeline.backends.cluster import ClusterBackend
+    from tests.test_backends import RecordingScheduler, noop
+
+    first, _ = sharing_sweeps(tmp_path)
+    root = tmp_path / "out"
+    plan = build_plan(first)
+    teacher = stage_name(plan, "teacher_stage")
+    write_foreign_lease(StageFolders(root, teacher).logs, pid=os.getppid(), job_id="77_0")  # alive: our parent
+    scheduler = RecordingScheduler(tmp_path / "debug")
+    scheduler.queue = {"77_0": "RUNNING"}
+    summary = ClusterBackend(scheduler, root, root / "jobs" / "first", noop, report=lambda _: None).submit(plan)
+    assert teacher not in summary.submitted and "pid" in summary.skipped_elsewhere[teacher]
+    student = stage_name(plan, "student_stage")
+    assert Manifest.load(root / "jobs" / "first").stages[student]["after"] == ["77_0"]

@@ -61,9 +61,11 @@ from typing import Any, Callable, Protocol
 import submitit
 
 from pipeline.backends import LIVE_STATES, BackendError
+from pipeline.leases import live_lease
 from pipeline.manifest import Manifest
 from pipeline.plan import Plan, StageSpec
-from pipeline.store import StageFolders
+from pipeline.pending import stages_to_run
+from pipeline.store import CorruptFileError, StageFolders
 from pipeline.sweep_schema import STAGE_KINDS
 
 
@@ -94,6 +96,7 @@ class SubmitSummary:
     submitted: dict[str, str] = field(default_factory=dict)  # stage -> job id
     skipped_done: list[str] = field(default_factory=list)
     skipped_live: dict[str, str] = field(default_factory=dict)  # stage -> job id still queued/running
+    skipped_elsewhere: dict[str, str] = field(default_factory=dict)  # stage -> who runs it (another sweep's job, a lease)
     arrays: int = 0
 
 
@@ -131,22 +134,38 @@ class ClusterBackend:
         self.job = job
         self.report = report
 
-    def submit(self, plan: Plan) -> SubmitSummary:
-        """Submits every stage that is neither DONE nor still queued; call it under the submit lock."""
+    def submit(self, plan: Plan, to_run: dict[str, str] | None = None) -> SubmitSummary:
+        """Submits every stage of ``to_run`` (default: ``pipeline.pending.stages_to_run``) that is not
+        still queued or running, for this sweep or any other; call it under the submit lock."""
+        to_run = stages_to_run(plan, self.root) if to_run is None else to_run
         manifest = Manifest.load(self.jobs_dir)
         summary = SubmitSummary()
         recorded = {
             name: entry["job_id"] for name, entry in manifest.stages.items()
             if entry.get("backend") == self.scheduler.name and entry.get("job_id") and name in plan.stages
         }
-        pending = [name for name in plan.stages if not StageFolders(self.root, name).is_done()]
-        live = self.scheduler.live_jobs([recorded[name] for name in pending if name in recorded]) if recorded else {}
+        pending = [name for name in plan.stages if name in to_run]
+        others = self._held_by_other_sweeps(pending)
+        leases = {name: lease for name in pending if (lease := live_lease(StageFolders(self.root, name).logs)) is not None}
+        asked = {recorded[name] for name in pending if name in recorded} | {job for job, _ in others.values()}
+        asked |= {lease.job_id for lease in leases.values() if lease.job_id}
+        live = self.scheduler.live_jobs(sorted(asked)) if asked else {}
         to_submit, resubmitted, stale = [], set(), []
+        held_job: dict[str, str] = {}  # stage -> another sweep's (or runner's) live job its dependants wait on
         for name, spec in plan.stages.items():  # plan order: upstream stages come first
             if name not in pending:
                 summary.skipped_done.append(name)
             elif live.get(recorded.get(name, ""), "") in LIVE_STATES and resubmitted.isdisjoint(spec.upstream.values()):
                 summary.skipped_live[name] = recorded[name]
+            elif (holder := self._live_holder(name, others, leases, live)) is not None:
+                job_id, who = holder
+                summary.skipped_elsewhere[name] = who
+                if job_id:
+                    held_job[name] = job_id
+                manifest.stages[name] = {
+                    "kind": spec.kind, "backend": self.scheduler.name, "state": "elsewhere", "held_by": who,
+                    **({"held_by_job": job_id} if job_id else {}),
+                }
             else:
                 # A queued stage whose upstream goes out again waits on the old job: replace it too.
                 if live.get(recorded.get(name, ""), "") in LIVE_STATES:
@@ -155,7 +174,9 @@ class ClusterBackend:
                 resubmitted.add(name)
         if stale:
             self.scheduler.cancel(stale)
-        job_of = {name: recorded[name] for name in summary.skipped_live}
+        if summary.skipped_elsewhere:
+            manifest.save()
+        job_of = {**{name: recorded[name] for name in summary.skipped_live}, **held_job}
         folder = self._call_folder()
         for group in array_groups(to_submit):
             waits = {spec.name: self._waits(spec, job_of) for spec in group}
@@ -180,6 +201,40 @@ class ClusterBackend:
                         tasks = f"{len(problems)} {array[0].kind} task(s)"
                         self.report(f"{self.scheduler.name}: {tasks} keep their array's wider wait: {problems[0]}")
         return summary
+
+    def _held_by_other_sweeps(self, names: list[str]) -> dict[str, tuple[str, str]]:
+        """Stage -> (job id, sweep) for the jobs other sweeps under this root recorded for ``names``.
+
+        Stage folders are shared by hash, so another sweep may have queued the very stage this one
+        needs; its manifest is the only place that says so before the job starts and takes a lease.
+        """
+        wanted = set(names)
+        found: dict[str, tuple[str, str]] = {}
+        for path in sorted(self.jobs_dir.parent.glob("*/manifest.json")):
+            if path.parent.resolve() == self.jobs_dir.resolve():
+                continue
+            try:
+                stages = Manifest.load(path.parent).stages
+            except CorruptFileError:
+                continue
+            for name, entry in stages.items():
+                if name in wanted and entry.get("backend") == self.scheduler.name and entry.get("job_id"):
+                    found.setdefault(name, (str(entry["job_id"]), path.parent.name))
+        return found
+
+    @staticmethod
+    def _live_holder(
+        name: str, others: dict[str, tuple[str, str]], leases: dict[str, Any], live: dict[str, str]
+    ) -> tuple[str | None, str] | None:
+        """(job id to wait on or None, who) when someone else queued or runs the stage, else None."""
+        if name in others and live.get(others[name][0], "") in LIVE_STATES:
+            job_id, sweep = others[name]
+            return job_id, f"sweep {sweep}, job {job_id}"
+        lease = leases.get(name)
+        if lease is not None:
+            job_id = lease.job_id if live.get(lease.job_id or "", "") in LIVE_STATES else None
+            return job_id, lease.describe()
+        return None
 
     def _waits(self, spec: StageSpec, job_of: dict[str, str]) -> list[str]:
         """What the stage's job waits on: its upstream stages' jobs as the scheduler names them (none for DONE ones)."""
