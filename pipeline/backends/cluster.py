@@ -40,6 +40,10 @@ The rules, each with its reason:
   resubmitted, since they wait on the failed job, not on its replacement). The submit lock keeps two submits
   of one sweep from interleaving, and the manifest is rewritten after every array, so a killed
   submit leaves a manifest that says exactly which arrays went out.
+* **Across sweeps too.** Stage folders are shared by hash, so a stage another sweep under the same
+  root has queued (its manifest says so) or a live runner holds (its lease says so) is not
+  submitted again; this sweep's dependants wait on that job. Two submits racing past this check
+  both send the stage, and the second job to start finds the first's lease and stands aside.
 * **Refusals roll back.** If the scheduler refuses an array (unknown partition, too many GPUs),
   the arrays this call already submitted are cancelled, the manifest records the refused array's
   stages as ``refused`` and the call's other stages as ``rolled back``, each with the scheduler's
