@@ -134,7 +134,10 @@ class LocalBackend:
     def _finish(self, outcome: StageOutcome, outcomes: dict[str, StageOutcome], total: int) -> None:
         outcomes[outcome.name] = outcome
         finished_count = sum(o.state in ("done", "failed", "cancelled") for o in outcomes.values())
-        detail = f"{outcome.seconds:.1f} s" + (f", {outcome.error}" if outcome.error else "") if outcome.state == "done" else outcome.error
+        if outcome.state != "done":
+            detail = outcome.error
+        else:
+            detail = f"{outcome.seconds:.1f} s" + (f", {outcome.error}" if outcome.error else "")
         self.progress.report(f"[{finished_count}/{total}] {outcome.state:6} {outcome.name} ({detail})")
 
     def _submit(self, spec: StageSpec) -> submitit.Job:
