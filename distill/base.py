@@ -30,10 +30,12 @@ class ModelOutput:
 
 @dataclass(frozen=True)
 class Batch:
-    """One training batch as the loop feeds it: images (N, C, H, W) and integer class labels (N,)."""
+    """One training batch as the loop feeds it: images (N, C, H, W), integer class labels (N,) and the
+    0-based epoch it belongs to (for methods whose weights follow a schedule, such as a warm-up)."""
 
     images: torch.Tensor
     labels: torch.Tensor
+    epoch: int = 0
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ def run(stage: StageRun) -> None:
     paraphraser = ft.build_paraphraser(tap_shape, params).to(device)
     teacher_taps = FeatureTaps(teacher.model, [tap])
 
-    def compute_terms(images: torch.Tensor, labels: torch.Tensor) -> tuple[dict[str, torch.Tensor], None]:
+    def compute_terms(images: torch.Tensor, labels: torch.Tensor, epoch: int) -> tuple[dict[str, torch.Tensor], None]:
         with torch.no_grad():
             features = teacher_taps(images)[1][tap]
         reconstruction = paraphraser(features)

@@ -23,13 +23,13 @@ def distillation_terms(student: nn.Module, teacher: nn.Module | None, method: Me
     student_taps = FeatureTaps(student, method.student_taps)
     teacher_taps = FeatureTaps(teacher, method.teacher_taps) if teacher is not None else None
 
-    def compute_terms(images: torch.Tensor, labels: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def compute_terms(images: torch.Tensor, labels: torch.Tensor, epoch: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         teacher_output = None
         if teacher_taps is not None:
             with torch.no_grad():
                 teacher_output = ModelOutput(*teacher_taps(images))
         logits, features = student_taps(images)
-        return method.loss(ModelOutput(logits, features), teacher_output, Batch(images, labels)), logits
+        return method.loss(ModelOutput(logits, features), teacher_output, Batch(images, labels, epoch)), logits
 
     return compute_terms
 

@@ -27,8 +27,8 @@ from pipeline.store import StageFolders
 from stages.context import StageRun
 from stages.files import StageError, load_torch, save_torch, write_stage_log
 
-ComputeTerms = Callable[[torch.Tensor, torch.Tensor], tuple[dict[str, torch.Tensor], torch.Tensor | None]]
-"""(images, labels) -> (named loss terms, logits or None when the stage has no classifier)."""
+ComputeTerms = Callable[[torch.Tensor, torch.Tensor, int], tuple[dict[str, torch.Tensor], torch.Tensor | None]]
+"""(images, labels, 0-based epoch) -> (named loss terms, logits or None when the stage has no classifier)."""
 
 
 @dataclass(frozen=True)
@@ -211,7 +211,7 @@ class EpochLoop:
         for step, (images, labels) in enumerate(training_batches(self.data, self.settings, epoch)):
             images, labels = images.to(self.device), labels.to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.stage.amp):
-                terms, logits = self.compute_terms(images, labels)
+                terms, logits = self.compute_terms(images, labels, epoch)
             total = sum(terms.values())
             for name, value in terms.items():
                 if not torch.isfinite(value):
