@@ -124,3 +124,30 @@ def restore_torch_threads() -> Iterator[None]:
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+def train_student_on_digits(
+    tiny_in_process: SweepRun, folder: Path, method: str, params: Mapping[str, Any] | None = None, epochs: int = 3
+) -> dict[str, Any]:
+    """Trains a ``method`` student of the tiny sweep's pair on digits in this process and returns its log.
+
+    The teacher (and its evaluation) are copied DONE from ``tiny_in_process``, so only the student
+    trains; ``params`` go to ``defaults.methods.<method>``. The caller restores torch's threads
+    (``restore_torch_threads``).
+    """
+    from pipeline.logfiles import read_log
+    from stages import run_stage
+
+    changes: dict[str, Any] = {"axes.method": [method], "defaults.student.epochs": epochs}
+    if params:
+        changes[f"defaults.methods.{method}"] = dict(params)
+    plan = build_plan(write_sweep(folder / f"{method}.yaml", changes))
+    root = folder / "out"
+    for name, spec in plan.stages.items():
+        if spec.kind == "train_teacher":
+            copy_stage(tiny_in_process.root, root, name)
+    for name, spec in plan.stages.items():
+        if spec.kind in ("pretrain_paraphraser", "train_student"):
+            run_stage(spec, root)
+    student = next(spec for spec in plan.stages.values() if spec.kind == "train_student")
+    return read_log(StageFolders(root, student.name).logs)
