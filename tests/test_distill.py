@@ -15,8 +15,9 @@ from torch import nn
 from distill.base import Batch, MethodConfigError, MethodContext, ModelOutput, method_class
 from distill.ft import PARAPHRASER_FILE, build_paraphraser, ft_term, reconstruction_loss
 from distill.tucker import aligned_l1, fix_signs, samplewise_tucker_cores, tucker_cores
+from pipeline.catalogue import load_catalogue
 
-METHOD_NAMES = ("vanilla", "kd", "ft", "tucker")
+METHOD_NAMES = tuple(sorted(load_catalogue().methods))  # every method file, so a new one is checked too
 DISTILL_DIR = Path(__file__).resolve().parent.parent / "distill"
 
 
