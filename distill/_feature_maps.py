@@ -23,3 +23,30 @@ def feature_map_shape(context: MethodContext, params: Mapping[str, Any], key: st
         raise MethodConfigError(key, f"the {side} tap {tap!r} has shape {shape}; this method needs a (C, H, W) feature map")
     channels, height, width = shape
     return channels, height, width
+
+
+def tap_shape(context: MethodContext, side: str, tap: str, key: str) -> tuple[int, ...]:
+    """The per-sample shape of ``side``'s ("teacher" or "student") tap ``tap``; ``key`` names the setting
+    that chose it, for the error when the model has no such tap."""
+    shapes = context.teacher_tap_shapes if side == "teacher" else context.student_tap_shapes
+    if tap not in shapes:
+        raise MethodConfigError(key, f"the {side} has no tap {tap!r}; it has {', '.join(sorted(shapes))}")
+    return tuple(shapes[tap])
+
+
+def map_shape(context: MethodContext, side: str, tap: str, key: str) -> tuple[int, int, int]:
+    """The per-sample (C, H, W) of ``side``'s tap ``tap``, refusing taps that are not feature maps."""
+    shape = tap_shape(context, side, tap, key)
+    if len(shape) != 3:
+        raise MethodConfigError(key, f"the {side} tap {tap!r} has shape {shape}; this method needs a (C, H, W) feature map")
+    channels, height, width = shape
+    return channels, height, width
+
+
+def embedding_size(context: MethodContext, params: Mapping[str, Any], key: str) -> int:
+    """The length D of the (D,) embedding tap named by ``params[key]`` ("teacher_tap" or "student_tap")."""
+    side = key.split("_", 1)[0]
+    shape = tap_shape(context, side, params[key], key)
+    if len(shape) != 1:
+        raise MethodConfigError(key, f"the {side} tap {params[key]!r} has shape {shape}; this method needs a (D,) embedding such as 'pool'")
+    return shape[0]
