@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 ARCHITECTURES = {
     "resnet20": {"depth": 20, "widths": [16, 16, 32, 64], "taps": ["stem", "layer1", "layer2", "layer3", "pool"]},
+    "resnet32": {"depth": 32, "widths": [16, 16, 32, 64], "taps": ["stem", "layer1", "layer2", "layer3", "pool"]},
     "resnet56": {"depth": 56, "widths": [16, 16, 32, 64], "taps": ["stem", "layer1", "layer2", "layer3", "pool"]},
     "resnet110": {"depth": 110, "widths": [16, 16, 32, 64], "taps": ["stem", "layer1", "layer2", "layer3", "pool"]},
     "resnet8x4": {"depth": 8, "widths": [32, 64, 128, 256], "taps": ["stem", "layer1", "layer2", "layer3", "pool"]},

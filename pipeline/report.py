@@ -14,11 +14,18 @@ the teacher-side axis values, a method's label the axis values that reach its st
 
 Spread is the sample standard deviation (ddof=1). With one finished seed it is undefined, so the table
 shows the value alone and the CSV leaves the std cell empty, rather than a misleading ± 0.00.
+
+Each row also carries the published top-1 of its cell, if a paper reports one (``published.json``
+beside this file, each entry naming its paper and table). A cell is matched on the dataset, the
+teacher and student archs and the method name, without the axis values that ``teacher_label`` and
+``method_label`` append: a "kd student.lr=0.01" row is set against the paper's KD, so a variant
+shows how far it lands from the published recipe.
 """
 from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import statistics
 from dataclasses import dataclass
@@ -44,10 +51,14 @@ METRICS = {
 PLOTTED_METRIC = "top1_best_val"
 PENDING = "pending"
 MISSING = "-"
+PUBLISHED_FILE = Path(__file__).with_name("published.json")
+# Compared with the published top-1 because it is a test-set number with no epoch chosen on the test set.
+COMPARED_METRIC = "top1_last"
 NOTE = (
     "Accuracy (%) as mean ± sample standard deviation (ddof=1) over finished seeds; a single seed shows "
     "its value alone. *best val* is the epoch chosen on the validation split; *agreement* is the share of "
-    "test images where student and teacher predict the same class."
+    "test images where student and teacher predict the same class. *published* is a paper's top-1 for the "
+    "same data set, pair and method (sources below the table), *last − published* our top-1 last minus it."
 )
 
 
@@ -78,6 +89,46 @@ class Stat:
 
 
 @dataclass(frozen=True)
+class Reference:
+    """A published top-1 (%) for one cell, with its spread where the paper gives one."""
+
+    top1: float
+    std: float | None
+    source: str
+    """A key of the data file's ``sources``: the paper and table the number was read from."""
+
+    def __str__(self) -> str:
+        return f"{self.top1:.2f}" if self.std is None else f"{self.top1:.2f} ± {self.std:.2f}"
+
+
+PublishedKey = tuple[str, str, str, str]
+"""(dataset, teacher arch, student arch, method); method "teacher" and "vanilla" name the models trained alone."""
+
+
+@dataclass(frozen=True)
+class Published:
+    """The published numbers of ``published.json``: references by cell, and their sources' citations."""
+
+    references: Mapping[PublishedKey, Reference]
+    sources: Mapping[str, str]
+
+
+def load_published(path: Path = PUBLISHED_FILE) -> Published:
+    """Read and check the data file: every entry names a source the file describes, and no cell twice."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    sources = {key: f"{source['paper']}, {source['table']}" for key, source in data["sources"].items()}
+    references: dict[PublishedKey, Reference] = {}
+    for index, entry in enumerate(data["entries"]):
+        if entry.get("source") not in sources:
+            raise ReportError(f"{path.name}: entries[{index}].source: {entry.get('source')!r} is not one of {', '.join(sources)}")
+        key = (entry["dataset"], entry["teacher"], entry["student"], entry["method"])
+        if key in references:
+            raise ReportError(f"{path.name}: entries[{index}]: cell {' '.join(key)} appears twice")
+        references[key] = Reference(float(entry["top1"]), entry.get("std"), entry["source"])
+    return Published(references, sources)
+
+
+@dataclass(frozen=True)
 class ReportRow:
     """One line of the report: a method on a (dataset, pair), over its seeds."""
 
@@ -89,14 +140,25 @@ class ReportRow:
     pending: int
     metrics: dict[str, Stat | None]
     parameters: int | None
+    published: Reference | None = None
 
     @property
     def pair(self) -> str:
         return f"{self.teacher} → {self.student or MISSING}"
 
+    @property
+    def difference(self) -> float | None:
+        """Ours (``COMPARED_METRIC``, mean over seeds) minus the published top-1; None if either is absent."""
+        ours = self.metrics.get(COMPARED_METRIC)
+        return None if ours is None or self.published is None else ours.mean - self.published.top1
 
-def aggregate(rows: Iterable[Mapping[str, Any]]) -> list[ReportRow]:
-    """Group rows, average finished seeds, and order: pairs as first seen, then teacher, vanilla, A-Z."""
+
+def aggregate(rows: Iterable[Mapping[str, Any]], published: Published | None = None) -> list[ReportRow]:
+    """Group rows, average finished seeds, and order: pairs as first seen, then teacher, vanilla, A-Z.
+
+    Each row gets its cell's reference from ``published`` (by default the bundled ``published.json``).
+    """
+    references = (published or load_published()).references
     groups: dict[_Group, list[Mapping[str, Any]]] = {}
     for index, row in enumerate(rows):
         group = _group_of(index, row)
@@ -108,17 +170,24 @@ def aggregate(rows: Iterable[Mapping[str, Any]]) -> list[ReportRow]:
         groups.setdefault(group, []).append(row)
     pair_order = {pair: index for index, pair in enumerate(dict.fromkeys(group[:3] for group in groups))}
     ordered = sorted(groups, key=lambda group: (pair_order[group[:3]], *_method_order(group.method)))
-    return [_summarise(group, groups[group]) for group in ordered]
+    return [_summarise(group, groups[group], references.get(_published_key(group))) for group in ordered]
 
 
-def to_markdown(table: list[ReportRow]) -> str:
-    headers = ["dataset", "teacher → student", "method", "n", *METRICS.values(), "params"]
+def to_markdown(table: list[ReportRow], published: Published | None = None) -> str:
+    """The table, then one line per source that a published cell of it comes from."""
+    headers = ["dataset", "teacher → student", "method", "n", *METRICS.values(), "params", "published", "last − published"]
     lines = ["# kdbench report", "", NOTE, "", _markdown_line(headers), _markdown_line(["---"] * len(headers))]
     for row in table:
         seeds = f"{row.seeds} (+{row.pending} {PENDING})" if row.pending else str(row.seeds)
         metrics = [_metric_cell(row, row.metrics[name]) for name in METRICS]
         parameters = MISSING if row.parameters is None else f"{row.parameters:,}"
-        lines.append(_markdown_line([row.dataset, row.pair, row.method, seeds, *metrics, parameters]))
+        reference = MISSING if row.published is None else str(row.published)
+        difference = MISSING if row.difference is None else f"{row.difference:+.2f}"
+        lines.append(_markdown_line([row.dataset, row.pair, row.method, seeds, *metrics, parameters, reference, difference]))
+    cited = list(dict.fromkeys(row.published.source for row in table if row.published is not None))
+    if cited:
+        sources = (published or load_published()).sources
+        lines += ["", "Published numbers:", "", *(f"- `{key}`: {sources.get(key, key)}" for key in cited)]
     return "\n".join(lines) + "\n"
 
 
@@ -127,8 +196,10 @@ def to_csv(table: list[ReportRow]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     metric_columns = [f"{name}_{part}" for name in METRICS for part in ("mean", "std")]
-    writer.writerow(["dataset", "teacher", "student", "method", "n", "pending", *metric_columns, "parameters"])
+    published_columns = ["published_top1", "published_std", f"{COMPARED_METRIC}_minus_published", "published_source"]
+    writer.writerow(["dataset", "teacher", "student", "method", "n", "pending", *metric_columns, "parameters", *published_columns])
     for row in table:
+        reference = row.published
         cells: list[float | None] = []
         for name in METRICS:
             stat = row.metrics[name]
@@ -136,6 +207,8 @@ def to_csv(table: list[ReportRow]) -> str:
         writer.writerow([
             row.dataset, row.teacher, row.student or "", row.method, row.seeds, row.pending,
             *map(_number, cells), "" if row.parameters is None else row.parameters,
+            *map(_number, [reference.top1, reference.std, row.difference] if reference else [None, None, None]),
+            reference.source if reference else "",
         ])
     return buffer.getvalue()
 
@@ -191,11 +264,16 @@ def _group_of(index: int, row: Mapping[str, Any]) -> _Group:
     return _Group(row["dataset"], row["teacher"], row["student"], method)
 
 
-def _summarise(group: _Group, rows: list[Mapping[str, Any]]) -> ReportRow:
+def _published_key(group: _Group) -> PublishedKey:
+    """The published cell of a group: archs and method name without the axis values the labels append."""
+    return group.dataset, group.teacher.split(" [")[0], group.student or "", group.method.split(" ")[0]
+
+
+def _summarise(group: _Group, rows: list[Mapping[str, Any]], reference: Reference | None) -> ReportRow:
     done = [row for row in rows if row.get("top1_last") is not None]
     metrics = {name: Stat.of([row[name] for row in done if row.get(name) is not None]) for name in METRICS}
     parameters = next((row["parameters"] for row in done if row.get("parameters") is not None), None)
-    return ReportRow(*group, len(done), len(rows) - len(done), metrics, parameters)
+    return ReportRow(*group, len(done), len(rows) - len(done), metrics, parameters, reference)
 
 
 def _method_order(method: str) -> tuple[int, str]:

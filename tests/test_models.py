@@ -39,6 +39,15 @@ def test_forward_gives_one_logit_per_class(arch: str, image_shape: tuple[int, in
     assert torch.isfinite(logits).all()
 
 
+def test_resnet32_matches_the_crd_table_and_runs_on_cifar() -> None:
+    """resnet32, the student of CRD's resnet110 pair: 0.47M parameters at 100 classes in its Table 1."""
+    model = build_model("resnet32", num_classes=100, in_channels=3)
+    assert parameter_count(model) == pytest.approx(0.47e6, rel=0.01)
+    logits = model(torch.randn(2, 3, 32, 32))
+    assert logits.shape == (2, 100)
+    assert torch.isfinite(logits).all()
+
+
 def test_tap_shapes_on_cifar() -> None:
     assert tap_shapes("resnet8x4", (3, 32, 32), 100) == {
         "stem": (32, 32, 32),

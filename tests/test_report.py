@@ -65,8 +65,8 @@ def test_unfinished_stages_show_as_pending() -> None:
 def test_markdown_shows_each_group_and_pending_cells() -> None:
     lines = to_markdown(aggregate(sweep())).splitlines()
     table = [line for line in lines if line.startswith("| cifar100")]
-    assert table[0] == "| cifar100 | resnet56 → resnet20 | teacher | 1 | 83.50 | 84.00 | 99.00 | - | 861,620 |"
-    assert table[2] == "| cifar100 | resnet56 → resnet20 | at | 0 (+1 pending) | pending | pending | pending | pending | - |"
+    assert table[0] == "| cifar100 | resnet56 → resnet20 | teacher | 1 | 83.50 | 84.00 | 99.00 | - | 861,620 | 72.34 | +11.16 |"
+    assert table[2] == "| cifar100 | resnet56 → resnet20 | at | 0 (+1 pending) | pending | pending | pending | pending | - | 70.55 | - |"
     assert "| fitnet | 1 (+1 pending) | 78.50 | 79.00 |" in table[3]
     assert "| kd | 2 | 80.50 ± 1.41 | 81.00 ± 1.41 | 96.00 ± 1.41 | 90.00 ± 0.00 | 278,324 |" in table[4]
 
