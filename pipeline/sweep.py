@@ -8,8 +8,10 @@ file, the key path and, where there is a closed set, the allowed values.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -137,6 +139,7 @@ class _SweepChecker:
         defaults = self._defaults(top.get("defaults"))
         self._check_used_methods(axes, defaults)
         self._check_milestones(axes, defaults)
+        self._check_optimisers(axes, defaults)
         resources = self._resources(top.get("resources"))
         return Sweep(name, self.file, data_root, axes, defaults, resources)
 
@@ -291,6 +294,42 @@ class _SweepChecker:
                         if milestone > epochs:
                             raise self._error(f"{where}[{index}]", f"{milestone} is beyond the {epochs} epochs", allowed)
 
+    def _check_optimisers(self, axes: Mapping[str, tuple], defaults: Mapping[str, Mapping[str, Any]]) -> None:
+        """Optimiser and schedule keys that torch would refuse, or that do nothing, for every combination planned.
+
+        Lion with an lr above 1e-2 plans but warns once per key on stderr: its sign update is larger
+        than AdamW's, so its lr is usually 3-10x smaller (lion-pytorch's README).
+        """
+        keys = ("optimizer", "momentum", "nesterov", "betas", "epochs", "warmup_epochs", "pct_start", "lr")
+        warned = set()
+        for section in ("teacher", "student"):
+            for combination in _section_combinations(axes, defaults, section, keys):
+                (optimizer_at, optimizer), (where, nesterov) = combination["optimizer"], combination["nesterov"]
+                if nesterov and optimizer != "sgd":
+                    problem = f"nesterov is for optimizer sgd, not {optimizer} ({optimizer_at})"
+                    raise self._error(where, problem, ["false", "true with sgd"])
+                momentum_at, momentum = combination["momentum"]
+                if nesterov and momentum == 0:
+                    problem = f"nesterov needs momentum above 0 ({momentum_at} is 0)"
+                    raise self._error(where, problem, ["false", "true with momentum > 0"])
+                where, betas = combination["betas"]
+                if betas is not None and optimizer == "sgd":
+                    raise self._error(where, f"betas are for adamw and lion, not sgd ({optimizer_at})", ["null"])
+                for index, beta in enumerate(betas or []):
+                    if beta >= 1:
+                        raise self._error(f"{where}[{index}]", f"{beta!r} is not below 1", ["two numbers in [0, 1)", "null"])
+                (where, warmup), (epochs_at, epochs) = combination["warmup_epochs"], combination["epochs"]
+                if warmup > epochs:
+                    raise self._error(where, f"{warmup} is beyond the {epochs} epochs ({epochs_at})", [f"0..{epochs}"])
+                where, pct_start = combination["pct_start"]
+                if not 0 < pct_start < 1:
+                    raise self._error(where, f"{pct_start!r} is not strictly between 0 and 1", ["numbers in (0, 1)"])
+                where, lr = combination["lr"]
+                if optimizer == "lion" and lr > 1e-2 and where not in warned:
+                    warned.add(where)
+                    print(f"{self.file}: {where}: warning: lr {lr!r} is high for optimizer lion, "
+                          "which wants a 3-10x smaller lr than adamw", file=sys.stderr)
+
     def _tap(self, where: str, field: Field, value: Any, arch: str) -> None:
         if value is None:
             return
@@ -321,3 +360,12 @@ def _section_values(
     if axis in axes:
         return [(f"axes.{axis}[{index}]", value) for index, value in enumerate(axes[axis])]
     return [(f"defaults.{axis}", defaults[section][key])]
+
+
+def _section_combinations(
+    axes: Mapping[str, tuple], defaults: Mapping[str, Mapping[str, Any]], section: str, keys: Iterable[str]
+) -> list[dict[str, tuple[str, Any]]]:
+    """Every combination of the (where, value) pairs of ``section``'s ``keys``, as the axes' product plans them."""
+    keys = list(keys)
+    choices = [_section_values(axes, defaults, section, key) for key in keys]
+    return [dict(zip(keys, combination)) for combination in itertools.product(*choices)]

@@ -18,6 +18,8 @@ NAMED_AXES = ("dataset", "pair", "method", "seed")
 REQUIRED_AXES = ("dataset", "pair", "method")
 RUNTIME_KEYS = ("device", "amp")
 DEVICES = ("auto", "cpu", "cuda")
+OPTIMIZERS = ("sgd", "adamw", "lion")
+LR_SCHEDULES = ("cosine", "step", "constant", "onecycle")
 
 SEED = Field("int", 0, min=0)
 
@@ -25,9 +27,19 @@ _TRAINING = {
     "epochs": Field("int", 240, min=1),
     "batch_size": Field("int", 64, min=1),
     "lr": Field("float", 0.05, min=0.0),
-    "momentum": Field("float", 0.9, min=0.0, max=1.0),
-    "weight_decay": Field("float", 5e-4, min=0.0),
-    "lr_schedule": Field("str", "step", choices=("cosine", "step", "constant")),
+    "optimizer": Field("str", "sgd", choices=OPTIMIZERS),
+    "momentum": Field("float", 0.9, min=0.0, max=1.0, help="sgd only"),
+    "nesterov": Field("bool", False, help="sgd only, with momentum above 0"),
+    "betas": Field(
+        "list", None, item_type="float", length=2, min=0.0,
+        help="adamw and lion: two numbers in [0, 1); null: the optimiser's own, adamw 0.9, 0.999, lion 0.9, 0.99",
+    ),
+    "weight_decay": Field("float", 5e-4, min=0.0, help="sgd: added to the gradient; adamw and lion: decoupled"),
+    "lr_schedule": Field("str", "step", choices=LR_SCHEDULES),
+    "warmup_epochs": Field(
+        "int", 0, min=0, help="linear warm-up over the first warmup_epochs epochs, step by step; at most epochs",
+    ),
+    "pct_start": Field("float", 0.3, help="onecycle schedule: share of the steps spent raising the lr, in (0, 1)"),
     "milestones": Field(
         "list", None, item_type="int", min=1,
         help="step schedule: epochs after which the lr drops by gamma, increasing, each in 1..epochs; "

@@ -19,9 +19,11 @@ from stages.training import EpochLoop, TrainingSettings, training_outputs
 
 # Optimiser settings the paraphraser shares with CIFAR training; its epochs, learning rate and
 # batch size are FT params (they are in the stage hash), these are not meant to be swept. The
-# schedule is cosine, so the step schedule's milestones and gamma are unused.
+# schedule is cosine without warm-up, so the step schedule's milestones and gamma and onecycle's
+# pct_start are unused; the optimiser is sgd, so betas are too.
 PARAPHRASER_TRAINING = {
-    "momentum": 0.9, "weight_decay": 5e-4, "lr_schedule": "cosine", "milestones": None, "gamma": 0.1, "augment": True,
+    "optimizer": "sgd", "momentum": 0.9, "nesterov": False, "betas": None, "weight_decay": 5e-4,
+    "lr_schedule": "cosine", "warmup_epochs": 0, "pct_start": 0.3, "milestones": None, "gamma": 0.1, "augment": True,
 }
 PARAPHRASER_SEED = 0
 
@@ -42,7 +44,9 @@ def run(stage: StageRun) -> None:
     paraphraser = ft.build_paraphraser(tap_shape, params).to(device)
     teacher_taps = FeatureTaps(teacher.model, [tap])
 
-    def compute_terms(images: torch.Tensor, labels: torch.Tensor, epoch: int) -> tuple[dict[str, torch.Tensor], None]:
+    def compute_terms(
+        images: torch.Tensor, labels: torch.Tensor, epoch: int, indices: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], None]:
         with torch.no_grad():
             features = teacher_taps(images)[1][tap]
         reconstruction = paraphraser(features)

@@ -16,9 +16,10 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
+from lion_pytorch import Lion
 from torch import nn
 from tqdm import tqdm
 
@@ -27,20 +28,28 @@ from pipeline.store import StageFolders
 from stages.context import StageRun
 from stages.files import StageError, load_torch, save_torch, write_stage_log
 
-ComputeTerms = Callable[[torch.Tensor, torch.Tensor, int], tuple[dict[str, torch.Tensor], torch.Tensor | None]]
-"""(images, labels, 0-based epoch) -> (named loss terms, logits or None when the stage has no classifier)."""
+ComputeTerms = Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor], tuple[dict[str, torch.Tensor], torch.Tensor | None]]
+"""(images, labels, 0-based epoch, each sample's index into the training set) -> (named loss terms, logits
+or None when the stage has no classifier)."""
 
 
 @dataclass(frozen=True)
 class TrainingSettings:
-    """``milestones`` and ``gamma`` shape the step schedule only; ``milestones`` None means the recipe's."""
+    """``milestones`` and ``gamma`` shape the step schedule only; ``milestones`` None means the recipe's.
+    ``momentum`` and ``nesterov`` are sgd's, ``betas`` (None: the optimiser's own) adamw's and lion's,
+    ``pct_start`` the onecycle schedule's."""
 
     epochs: int
     batch_size: int
     lr: float
+    optimizer: str
     momentum: float
+    nesterov: bool
+    betas: tuple[float, float] | None
     weight_decay: float
     lr_schedule: str
+    warmup_epochs: int
+    pct_start: float
     milestones: tuple[int, ...] | None
     gamma: float
     augment: bool
@@ -48,14 +57,19 @@ class TrainingSettings:
 
     @classmethod
     def from_settings(cls, training: Mapping[str, Any], seed: int) -> "TrainingSettings":
-        milestones = training["milestones"]
+        milestones, betas = training["milestones"], training["betas"]
         return cls(
             epochs=int(training["epochs"]),
             batch_size=int(training["batch_size"]),
             lr=float(training["lr"]),
+            optimizer=str(training["optimizer"]),
             momentum=float(training["momentum"]),
+            nesterov=bool(training["nesterov"]),
+            betas=None if betas is None else (float(betas[0]), float(betas[1])),
             weight_decay=float(training["weight_decay"]),
             lr_schedule=str(training["lr_schedule"]),
+            warmup_epochs=int(training["warmup_epochs"]),
+            pct_start=float(training["pct_start"]),
             milestones=None if milestones is None else tuple(int(milestone) for milestone in milestones),
             gamma=float(training["gamma"]),
             augment=bool(training["augment"]),
@@ -82,8 +96,24 @@ class TrainingSettings:
         return tuple((2 * milestone * self.epochs + recipe_epochs) // (2 * recipe_epochs) for milestone in recipe_milestones)
 
 
-def learning_rate(settings: TrainingSettings, epoch: int) -> float:
-    """Learning rate for 0-based ``epoch``; a pure function, so resuming needs no scheduler state."""
+def learning_rate(settings: TrainingSettings, epoch: int, step_in_epoch: int = 0, steps_per_epoch: int = 1) -> float:
+    """Learning rate of 0-based step ``step_in_epoch`` of 0-based ``epoch``; a pure function of the two, so
+    resuming needs no scheduler state.
+
+    cosine, step and constant change once per epoch. onecycle is torch's ``OneCycleLR`` with its
+    defaults (cosine annealing, two phases, div_factor 25, final_div_factor 1e4; momentum is not
+    cycled) over epochs x steps_per_epoch steps with max_lr = lr: from lr/25 up to lr over the first
+    ``pct_start`` of the steps, then down to lr/25e4 at the last step. Warm-up multiplies any schedule
+    by (t + 1) / (warmup_epochs x steps_per_epoch) at global step t below that count, a linear ramp that
+    reaches the schedule's own value at the last warm-up step (Goyal et al.'s gradual warm-up, per step).
+    """
+    step = epoch * steps_per_epoch + step_in_epoch
+    warmup_steps = settings.warmup_epochs * steps_per_epoch
+    ramp = (step + 1) / warmup_steps if step < warmup_steps else 1.0
+    return ramp * _scheduled_rate(settings, epoch, step, steps_per_epoch)
+
+
+def _scheduled_rate(settings: TrainingSettings, epoch: int, step: int, steps_per_epoch: int) -> float:
     if settings.lr_schedule == "cosine":
         return settings.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / settings.epochs))
     if settings.lr_schedule == "step":
@@ -91,7 +121,45 @@ def learning_rate(settings: TrainingSettings, epoch: int) -> float:
         return settings.lr * settings.gamma**drops
     if settings.lr_schedule == "constant":
         return settings.lr
-    raise ValueError(f"unknown lr_schedule {settings.lr_schedule!r}; allowed: cosine, step, constant")
+    if settings.lr_schedule == "onecycle":
+        return _one_cycle_rate(settings.lr, settings.pct_start, step, settings.epochs * steps_per_epoch)
+    raise ValueError(f"unknown lr_schedule {settings.lr_schedule!r}; allowed: cosine, step, constant, onecycle")
+
+
+def _one_cycle_rate(max_lr: float, pct_start: float, step: int, total_steps: int) -> float:
+    """``OneCycleLR``'s lr after ``step`` scheduler steps, written out as its get_lr computes it (same float
+    operations, so the two agree to the last bit). Where the warm phase is the first step alone, torch
+    divides by zero; here that step is at max_lr."""
+    initial_lr = max_lr / 25.0
+    min_lr = initial_lr / 1e4
+    warm_end, cool_end = float(pct_start * total_steps) - 1, total_steps - 1
+    if step <= warm_end:
+        return _cosine_anneal(initial_lr, max_lr, step / warm_end if warm_end > 0 else 1.0)
+    return _cosine_anneal(max_lr, min_lr, (step - warm_end) / (cool_end - warm_end))
+
+
+def _cosine_anneal(start: float, end: float, pct: float) -> float:
+    return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
+
+
+def build_optimizer(parameters: Iterable[nn.Parameter], settings: TrainingSettings) -> torch.optim.Optimizer:
+    """The stage's optimiser at ``settings.lr``; the loop sets each step's lr from ``learning_rate``.
+
+    adamw's weight decay is torch's decoupled one, lion's (lion-pytorch) the same: both shrink the
+    weights by lr x weight_decay each step, where sgd adds weight_decay x the weights to the gradient.
+    """
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(
+            parameters, lr=settings.lr, momentum=settings.momentum, nesterov=settings.nesterov,
+            weight_decay=settings.weight_decay,
+        )
+    if settings.optimizer == "adamw":
+        betas = settings.betas or (0.9, 0.999)
+        return torch.optim.AdamW(parameters, lr=settings.lr, betas=betas, weight_decay=settings.weight_decay)
+    if settings.optimizer == "lion":
+        betas = settings.betas or (0.9, 0.99)
+        return Lion(parameters, lr=settings.lr, betas=betas, weight_decay=settings.weight_decay)
+    raise ValueError(f"unknown optimizer {settings.optimizer!r}; allowed: sgd, adamw, lion")
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -100,8 +168,9 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 def training_batches(
     data: DatasetSplits, settings: TrainingSettings, epoch: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Shuffled, augmented training batches of one epoch, drawn from the in-memory tensors."""
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Shuffled, augmented training batches of one epoch, drawn from the in-memory tensors, as (images,
+    labels, indices): each sample's index into the training set, for methods that keep per-sample state."""
     generator = epoch_generator(settings.seed, epoch)
     order = torch.randperm(len(data.train_labels), generator=generator)
     for start in range(0, len(order), settings.batch_size):
@@ -109,7 +178,7 @@ def training_batches(
         images = data.train_images[index]
         if settings.augment:
             images = data.augment(images, generator)
-        yield images, data.train_labels[index]
+        yield images, data.train_labels[index], index
 
 
 @torch.no_grad()
@@ -162,9 +231,7 @@ class EpochLoop:
 
     def run(self) -> dict[str, Any]:
         parameters = [parameter for parameter in self.modules.parameters() if parameter.requires_grad]
-        optimizer = torch.optim.SGD(
-            parameters, lr=self.settings.lr, momentum=self.settings.momentum, weight_decay=self.settings.weight_decay
-        )
+        optimizer = build_optimizer(parameters, self.settings)
         log = dict(self.record, epochs=[], best_epoch=None, status="running", resumed_after_epochs=[])
         best_val = -1.0
         start_epoch = 0
@@ -201,17 +268,16 @@ class EpochLoop:
         return log
 
     def _train_one_epoch(self, optimizer: torch.optim.Optimizer, epoch: int) -> dict[str, Any]:
-        lr = learning_rate(self.settings, epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        steps_per_epoch = math.ceil(len(self.data.train_labels) / self.settings.batch_size)
+        lr = learning_rate(self.settings, epoch, 0, steps_per_epoch)
         self.modules.train()
         started = time.perf_counter()
         term_sums: dict[str, float] = {}
         correct = seen = 0
-        for step, (images, labels) in enumerate(training_batches(self.data, self.settings, epoch)):
-            images, labels = images.to(self.device), labels.to(self.device)
+        for step, (images, labels, indices) in enumerate(training_batches(self.data, self.settings, epoch)):
+            images, labels, indices = images.to(self.device), labels.to(self.device), indices.to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.stage.amp):
-                terms, logits = self.compute_terms(images, labels, epoch)
+                terms, logits = self.compute_terms(images, labels, epoch, indices)
             total = sum(terms.values())
             for name, value in terms.items():
                 if not torch.isfinite(value):
@@ -220,6 +286,8 @@ class EpochLoop:
                         "lower the learning rate or this term's weight"
                     )
                 term_sums[name] = term_sums.get(name, 0.0) + value.item() * len(labels)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(self.settings, epoch, step, steps_per_epoch)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()

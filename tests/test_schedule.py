@@ -1,11 +1,14 @@
-"""The step learning-rate schedule: the CRD recipe's milestones, their scaling to other epoch counts,
-explicit milestones and gamma, and the sweep checks that refuse milestones a run cannot reach."""
+"""The learning-rate schedules: the CRD recipe's step milestones, their scaling to other epoch counts,
+explicit milestones and gamma, the sweep checks that refuse milestones a run cannot reach, onecycle
+against torch's own OneCycleLR, and the per-step linear warm-up."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 from pipeline.catalogue import REPO_ROOT, load_catalogue
@@ -64,6 +67,54 @@ def test_explicit_milestones_and_gamma_are_used_as_given() -> None:
     assert schedule.step_milestones == (2, 4)
     assert [learning_rate(schedule, epoch) for epoch in range(6)] == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
     assert learning_rate(settings(epochs=6, lr=1.0, milestones=[2, 4], lr_schedule="constant"), 5) == 1.0
+
+
+@pytest.mark.parametrize(("epochs", "steps_per_epoch", "pct_start"), [(3, 7, 0.3), (2, 19, 0.25), (4, 5, 0.5), (1, 10, 0.9)])
+def test_onecycle_is_torchs_one_cycle_lr_step_by_step(epochs: int, steps_per_epoch: int, pct_start: float) -> None:
+    schedule = settings(lr_schedule="onecycle", epochs=epochs, lr=0.2, pct_start=pct_start)
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([weight], lr=0.2, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=0.2, total_steps=epochs * steps_per_epoch, pct_start=pct_start
+    )
+    torchs, ours = [], []
+    for epoch in range(epochs):
+        for step in range(steps_per_epoch):
+            torchs.append(optimizer.param_groups[0]["lr"])
+            ours.append(learning_rate(schedule, epoch, step, steps_per_epoch))
+            optimizer.step()
+            scheduler.step()
+    assert ours == torchs
+    # The peak is max_lr only where pct_start x total steps is a whole number of steps.
+    assert ours[0] == pytest.approx(0.2 / 25) and 0.19 < max(ours) <= 0.2
+    assert ours[-1] == pytest.approx(0.2 / 25 / 1e4)
+
+
+def test_onecycle_whose_warm_phase_is_one_step_starts_at_max_lr() -> None:
+    # pct_start x total steps = 1: torch's OneCycleLR divides by zero at its first step.
+    schedule = settings(lr_schedule="onecycle", epochs=2, lr=1.0, pct_start=0.25)
+    assert learning_rate(schedule, 0, 0, 2) == 1.0
+    assert learning_rate(schedule, 1, 1, 2) == pytest.approx(1 / 25 / 1e4)
+
+
+def test_warm_up_ramps_cosine_linearly_per_step_then_follows_it_per_epoch() -> None:
+    schedule = settings(lr_schedule="cosine", epochs=4, lr=1.0, warmup_epochs=1)
+    rates = [learning_rate(schedule, epoch, step, 4) for epoch in range(4) for step in range(4)]
+    cosine = [0.5 * (1 + math.cos(math.pi * epoch / 4)) for epoch in range(4)]
+    assert rates == pytest.approx([0.25, 0.5, 0.75, 1.0] + [cosine[1]] * 4 + [cosine[2]] * 4 + [cosine[3]] * 4, rel=1e-12)
+
+
+def test_warm_up_multiplies_the_step_schedule_across_its_drops() -> None:
+    schedule = settings(lr_schedule="step", epochs=3, lr=1.0, milestones=[1], gamma=0.1, warmup_epochs=2)
+    rates = [learning_rate(schedule, epoch, step, 2) for epoch in range(3) for step in range(2)]
+    assert rates == pytest.approx([0.25, 0.5, 0.075, 0.1, 0.1, 0.1], rel=1e-12)
+
+
+def test_without_warm_up_the_per_epoch_schedules_ignore_the_step() -> None:
+    for schedule in ("cosine", "step", "constant"):
+        per_epoch = settings(lr_schedule=schedule, epochs=10)
+        for epoch in range(10):
+            assert {learning_rate(per_epoch, epoch, step, 9) for step in range(9)} == {learning_rate(per_epoch, epoch)}
 
 
 # --- the sweep file -----------------------------------------------------------------------------------
