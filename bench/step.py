@@ -31,6 +31,7 @@ from stages.context import select_device  # noqa: E402
 from stages.train_student import distillation_terms  # noqa: E402
 
 TEACHER, STUDENT, NUM_CLASSES, IMAGE_SHAPE = "resnet32x4", "resnet8x4", 100, (3, 32, 32)
+CIFAR100_TRAIN_SIZE = 50_000
 METHODS = ("vanilla", *sorted(name for name in load_catalogue().methods if name != "vanilla"))
 REQUIRED = {"ft": {"paraphraser_epochs": 1}}  # params with no default; FT's only matters to its pre-stage
 GOALS = {"logit": 1.05, "feature": 1.30, "crd": 1.40}
@@ -50,7 +51,7 @@ def method_params(name: str) -> dict:
 
 
 def train_step(name: str, teacher: nn.Module, context: MethodContext, images: torch.Tensor, labels: torch.Tensor,
-               device: torch.device, amp: bool) -> Callable[[], None]:
+               indices: torch.Tensor, device: torch.device, amp: bool) -> Callable[[], None]:
     """One step of ``name`` as train_student's terms and EpochLoop's step run it, on a fresh student."""
     torch.manual_seed(0)
     student = build_model(STUDENT, NUM_CLASSES, IMAGE_SHAPE[0]).to(device).train()
@@ -62,7 +63,7 @@ def train_step(name: str, teacher: nn.Module, context: MethodContext, images: to
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            terms, _ = compute_terms(images, labels, 0)
+            terms, _ = compute_terms(images, labels, 0, indices)
         total = sum(terms.values())
         for term, value in terms.items():  # the loop checks and logs every term: two syncs each
             if not torch.isfinite(value):
@@ -112,6 +113,7 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     images = torch.randn((args.batch_size, *IMAGE_SHAPE), generator=generator).to(device)
     labels = torch.randint(NUM_CLASSES, (args.batch_size,), generator=generator).to(device)
+    indices = torch.arange(args.batch_size, device=device)
     torch.manual_seed(0)
     teacher = build_model(TEACHER, NUM_CLASSES, IMAGE_SHAPE[0]).to(device).requires_grad_(False).eval()
     context = MethodContext(
@@ -119,9 +121,10 @@ def main() -> None:
         teacher_tap_shapes=tap_shapes(TEACHER, IMAGE_SHAPE, NUM_CLASSES),
         student_tap_shapes=tap_shapes(STUDENT, IMAGE_SHAPE, NUM_CLASSES),
         pre_stage_dir=None,  # FT then keeps a random frozen paraphraser: same cost as a trained one
+        train_size=CIFAR100_TRAIN_SIZE,  # CRD's memory banks and 16,384 negatives at the size they train at
     )
     cases = {"teacher forward": teacher_forward(teacher, images, device, amp)}
-    cases |= {name: train_step(name, teacher, context, images, labels, device, amp) for name in METHODS}
+    cases |= {name: train_step(name, teacher, context, images, labels, indices, device, amp) for name in METHODS}
 
     gpu = f" ({torch.cuda.get_device_name(device)})" if on_cuda else ""
     print(f"torch {torch.__version__}, device {device}{gpu}, threads {torch.get_num_threads()}, "

@@ -30,12 +30,15 @@ class ModelOutput:
 
 @dataclass(frozen=True)
 class Batch:
-    """One training batch as the loop feeds it: images (N, C, H, W), integer class labels (N,) and the
-    0-based epoch it belongs to (for methods whose weights follow a schedule, such as a warm-up)."""
+    """One training batch as the loop feeds it: images (N, C, H, W), integer class labels (N,), the
+    0-based epoch it belongs to (for methods whose weights follow a schedule, such as a warm-up) and
+    each sample's index (N,) into the training set (for methods that keep per-sample state, such as
+    CRD's memory bank; None where no training set stands behind the batch)."""
 
     images: torch.Tensor
     labels: torch.Tensor
     epoch: int = 0
+    indices: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -44,12 +47,15 @@ class MethodContext:
 
     ``teacher_tap_shapes`` / ``student_tap_shapes`` map tap name -> per-sample shape (C, H, W) or (D,).
     ``pre_stage_dir`` is the weights folder of the method's pre-stage (FT's paraphraser), if any.
+    ``train_size`` is the number of training samples (the range of ``Batch.indices``); 0 where it is
+    not known yet, as in the planner's preflight, which loads no data.
     """
 
     num_classes: int
     teacher_tap_shapes: Mapping[str, tuple[int, ...]]
     student_tap_shapes: Mapping[str, tuple[int, ...]]
     pre_stage_dir: str | None = None
+    train_size: int = 0
 
 
 class MethodConfigError(ValueError):

@@ -23,13 +23,15 @@ def distillation_terms(student: nn.Module, teacher: nn.Module | None, method: Me
     student_taps = FeatureTaps(student, method.student_taps)
     teacher_taps = FeatureTaps(teacher, method.teacher_taps) if teacher is not None else None
 
-    def compute_terms(images: torch.Tensor, labels: torch.Tensor, epoch: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def compute_terms(
+        images: torch.Tensor, labels: torch.Tensor, epoch: int, indices: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         teacher_output = None
         if teacher_taps is not None:
             with torch.no_grad():
                 teacher_output = ModelOutput(*teacher_taps(images))
         logits, features = student_taps(images)
-        return method.loss(ModelOutput(logits, features), teacher_output, Batch(images, labels, epoch)), logits
+        return method.loss(ModelOutput(logits, features), teacher_output, Batch(images, labels, epoch, indices)), logits
 
     return compute_terms
 
@@ -52,6 +54,7 @@ def run(stage: StageRun) -> None:
         teacher_tap_shapes=tap_shapes(trained_teacher.arch, image_shape, data.num_classes) if trained_teacher else {},
         student_tap_shapes=tap_shapes(arch, image_shape, data.num_classes),
         pre_stage_dir=str(upstream["paraphraser"].weights) if "paraphraser" in upstream else None,
+        train_size=len(data.train_labels),
     )
     method_type = method_class(method_name)
     try:

@@ -19,7 +19,9 @@ def run(stage: StageRun) -> None:
     model = new_classifier(spec.settings["arch"], data).to(device)
     label_smoothing = float(training["label_smoothing"])
 
-    def compute_terms(images: torch.Tensor, labels: torch.Tensor, epoch: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def compute_terms(
+        images: torch.Tensor, labels: torch.Tensor, epoch: int, indices: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         logits = model(images)
         return {"ce": F.cross_entropy(logits, labels, label_smoothing=label_smoothing)}, logits
 

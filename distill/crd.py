@@ -1,0 +1,158 @@
+"""Contrastive representation distillation (Tian, Krishnan & Isola, "Contrastive Representation
+Distillation", ICLR 2020), as the authors' released code computes it (HobbitLong/RepDistiller:
+crd/criterion.py, crd/memory.py, dataset/cifar100.py, train_student.py).
+
+Each side's pooled embedding goes through a learned linear layer and an l2 normalisation (the
+code's Embed, ``feat_dim`` 128). Two memory banks hold one embedding per training sample, the
+student's and the teacher's, initialised uniform in [-1/sqrt(feat_dim/3), 1/sqrt(feat_dim/3)].
+For each sample the student's embedding is scored against the teacher bank's row of the same
+sample (the positive) and ``nce_k`` other rows (the negatives), and the teacher's embedding against
+the student bank likewise: score = exp(bank_row . embedding / nce_t) / Z, where each side's Z is
+set once, on the first batch, to mean(exp(...)) x number of training samples and then kept (the
+code's Z_v1, Z_v2). Each side's NCE loss is ContrastLoss (the paper's Eq. 18) with noise
+probability Pn = 1/n and K = nce_k:
+-(sum_i log(P_i / (P_i + K Pn + eps)) + sum_i,j log(K Pn / (P_ij + K Pn + eps))) / N.
+After scoring, the batch's own rows of each bank become the momentum average
+nce_m x row + (1 - nce_m) x embedding, re-normalised to unit length. The banks and the Z pair
+are buffers, saved in the checkpoint, so a resumed run continues with the same banks.
+
+Defaults are RepDistiller's CIFAR-100 ones: nce_k 16384, nce_t 0.07, nce_m 0.5, feat_dim 128,
+-b 0.8 on the term, -r 1 on cross-entropy (-a 0: no KD). Both embeddings are trained with the
+student (the code puts embed_t in the trainable list); the teacher's features carry no gradient.
+
+One departure: the released training (``--mode exact``) draws each sample's negatives without
+replacement from the training samples of *other classes* (CIFAR100InstanceSample.cls_negative).
+A method here knows the training set's size but not its labels, so the negatives are drawn
+uniformly without replacement from all training samples but the positive itself. With 100
+classes that keeps about 1% same-class negatives; with 10 classes about 10%. The negatives come
+from torch's global generator (seeded by the stage), so a resumed run draws other negatives than
+an uninterrupted one would; the batch order itself stays a function of (seed, epoch).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distill._feature_maps import embedding_size
+from distill.base import Batch, Method, MethodConfigError, MethodContext, ModelOutput, register_method
+
+METHOD = {
+    "name": "crd",
+    "summary": "NCE contrast of student and teacher embeddings against memory banks of the training set (Tian et al. 2020)",
+    "uses_teacher": True,
+    "params": {
+        "teacher_tap": {"default": "pool", "tap": "teacher", "help": "teacher (D,) embedding"},
+        "student_tap": {"default": "pool", "tap": "student", "help": "student (D,) embedding"},
+        "feat_dim": {"default": 128, "min": 1, "help": "size of the two l2-normalised linear embeddings and the bank rows (RepDistiller's --feat_dim)"},
+        "nce_k": {"default": 16384, "min": 1, "help": "negatives per sample, drawn from the memory bank; the training set needs nce_k + 1 samples (--nce_k)"},
+        "nce_t": {"default": 0.07, "min": 0.001, "help": "temperature of the exp(row . embedding / nce_t) scores (--nce_t)"},
+        "nce_m": {"default": 0.5, "min": 0.0, "max": 1.0, "help": "momentum of the bank update row <- nce_m row + (1 - nce_m) embedding (--nce_m)"},
+        "weight": {"default": 0.8, "min": 0.0, "help": "weight of the sum of the student-side and teacher-side NCE losses (RepDistiller's -b)"},
+        "ce_weight": {"default": 1.0, "min": 0.0, "help": "weight of the cross-entropy on labels (-r)"},
+    },
+    "pre_stage": None,
+}
+
+EPS = 1e-7  # RepDistiller's crd/criterion.py eps
+
+
+def normalise(rows: torch.Tensor) -> torch.Tensor:
+    """Each row divided by its l2 norm (RepDistiller's Normalize(2), without an epsilon)."""
+    return rows / rows.pow(2).sum(dim=1, keepdim=True).sqrt()
+
+
+def draw_contrast_indices(indices: torch.Tensor, train_size: int, nce_k: int) -> torch.Tensor:
+    """(N, 1 + nce_k) bank rows per sample: its own index first, then nce_k distinct other indices."""
+    weights = torch.ones(len(indices), train_size, device=indices.device)
+    weights[torch.arange(len(indices), device=indices.device), indices] = 0.0
+    negatives = torch.multinomial(weights, nce_k, replacement=False)
+    return torch.cat([indices[:, None], negatives], dim=1)
+
+
+def contrast_scores(embeddings: torch.Tensor, bank: torch.Tensor, rows: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(N, 1 + K) exp(bank[rows[i, j]] . embeddings[i] / temperature), before the division by Z."""
+    return torch.exp(torch.einsum("nkd,nd->nk", bank[rows], embeddings) / temperature)
+
+
+def contrast_loss(scores: torch.Tensor, train_size: int) -> torch.Tensor:
+    """RepDistiller's ContrastLoss of (N, 1 + K) normalised scores, the positive in column 0."""
+    negatives = scores.shape[1] - 1
+    noise = negatives / train_size  # K x Pn, Pn = 1 / n
+    log_positive = torch.log(scores[:, 0] / (scores[:, 0] + noise + EPS))
+    log_negative = torch.log(noise / (scores[:, 1:] + noise + EPS))
+    return -(log_positive.sum() + log_negative.sum()) / scores.shape[0]
+
+
+@torch.no_grad()
+def momentum_update(bank: torch.Tensor, indices: torch.Tensor, embeddings: torch.Tensor, momentum: float) -> None:
+    """bank[indices] <- normalise(momentum x bank[indices] + (1 - momentum) x embeddings), in place."""
+    rows = bank[indices] * momentum + embeddings * (1.0 - momentum)
+    bank.index_copy_(0, indices, normalise(rows))
+
+
+@register_method
+class CRD(Method):
+    METHOD = METHOD
+
+    def __init__(self, params: Mapping[str, Any], context: MethodContext):
+        super().__init__(params, context)
+        self.check(self.params, context)
+        if context.train_size <= 0:
+            raise MethodConfigError("nce_k", "crd keeps a memory bank of the training set, but the training set size is not known")
+        feat_dim = self.params["feat_dim"]
+        self.student_embed = nn.Linear(embedding_size(context, self.params, "student_tap"), feat_dim)
+        self.teacher_embed = nn.Linear(embedding_size(context, self.params, "teacher_tap"), feat_dim)
+        bound = 1.0 / math.sqrt(feat_dim / 3)
+        self.register_buffer("student_bank", torch.rand(context.train_size, feat_dim) * (2 * bound) - bound)
+        self.register_buffer("teacher_bank", torch.rand(context.train_size, feat_dim) * (2 * bound) - bound)
+        self.register_buffer("normalizers", torch.full((2,), -1.0))  # Z of the student side, the teacher side; < 0: unset
+
+    @classmethod
+    def check(cls, params: Mapping[str, Any], context: MethodContext) -> None:
+        """Both taps must be (D,) embeddings; a known training set must hold the positive and nce_k others."""
+        for key in ("teacher_tap", "student_tap"):
+            embedding_size(context, params, key)
+        nce_k = params["nce_k"]
+        if 0 < context.train_size < nce_k + 1:
+            raise MethodConfigError(
+                "nce_k", f"nce_k {nce_k} needs at least {nce_k + 1} training samples (each one's own and nce_k others); "
+                         f"the training set has {context.train_size}",
+            )
+
+    @property
+    def teacher_taps(self) -> tuple[str, ...]:
+        return (self.params["teacher_tap"],)
+
+    @property
+    def student_taps(self) -> tuple[str, ...]:
+        return (self.params["student_tap"],)
+
+    def loss(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch) -> dict[str, torch.Tensor]:
+        assert teacher is not None, "uses_teacher is True, so the training loop passes the teacher's output"
+        assert batch.indices is not None, "crd needs each sample's index into the training set"
+        student_features = student.features[self.params["student_tap"]].flatten(1)
+        teacher_features = teacher.features[self.params["teacher_tap"]].detach().flatten(1)
+        # exp(x / 0.07) magnifies bfloat16's rounding of the dot products, so the contrast runs in float32
+        with torch.autocast(student_features.device.type, enabled=False):
+            student_embedding = normalise(self.student_embed(student_features.float()))
+            teacher_embedding = normalise(self.teacher_embed(teacher_features.float()))
+            rows = draw_contrast_indices(batch.indices, self.context.train_size, self.params["nce_k"])
+            temperature = self.params["nce_t"]
+            student_scores = contrast_scores(student_embedding, self.teacher_bank, rows, temperature)
+            teacher_scores = contrast_scores(teacher_embedding, self.student_bank, rows, temperature)
+            if self.normalizers[0].item() < 0:
+                with torch.no_grad():
+                    self.normalizers[0] = student_scores.mean() * self.context.train_size
+                    self.normalizers[1] = teacher_scores.mean() * self.context.train_size
+            crd = (contrast_loss(student_scores / self.normalizers[0], self.context.train_size)
+                   + contrast_loss(teacher_scores / self.normalizers[1], self.context.train_size))
+            momentum_update(self.student_bank, batch.indices, student_embedding.detach(), self.params["nce_m"])
+            momentum_update(self.teacher_bank, batch.indices, teacher_embedding.detach(), self.params["nce_m"])
+        return {
+            "ce": self.params["ce_weight"] * F.cross_entropy(student.logits, batch.labels),
+            "crd": self.params["weight"] * crd,
+        }
