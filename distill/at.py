@@ -58,10 +58,6 @@ def attention_term(student_map: torch.Tensor, teacher_map: torch.Tensor, p: int)
 class AT(Method):
     METHOD = METHOD
 
-    def __init__(self, params: Mapping[str, Any], context: MethodContext):
-        super().__init__(params, context)
-        self.check(self.params, context)
-
     @classmethod
     def check(cls, params: Mapping[str, Any], context: MethodContext) -> None:
         """Both lists name (C, H, W) maps and pair up one to one; spatial sizes may differ (pooled)."""
@@ -94,6 +90,6 @@ class AT(Method):
             for t_tap, s_tap in zip(self.params["teacher_taps"], self.params["student_taps"])
         )
         return {
-            "ce": self.params["ce_weight"] * F.cross_entropy(student.logits, batch.labels),
+            "ce": self.cross_entropy(student, batch),
             "at": self.params["weight"] * at,
         }

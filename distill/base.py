@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -72,9 +73,11 @@ class Method(nn.Module):
     METHOD: ClassVar[dict[str, Any]]
 
     def __init__(self, params: Mapping[str, Any], context: MethodContext):
+        """Keeps the settings and refuses, with ``check``, any that cannot fit these models' taps."""
         super().__init__()
         self.params = dict(params)
         self.context = context
+        self.check(self.params, context)
 
     @classmethod
     def check(cls, params: Mapping[str, Any], context: MethodContext) -> None:
@@ -90,12 +93,29 @@ class Method(nn.Module):
         """Student feature taps this method reads; their graphs stay attached so the loss trains them."""
         return ()
 
+    def cross_entropy(self, student: ModelOutput, batch: Batch) -> torch.Tensor:
+        """The labelled term every method beside its own adds: ``ce_weight`` x cross-entropy."""
+        return self.params["ce_weight"] * F.cross_entropy(student.logits, batch.labels)
+
     def loss(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch) -> dict[str, torch.Tensor]:
         """Named scalar loss terms, each already multiplied by its weight: the training loop sums them
         as they are and logs each one, so a logged term is exactly what it added to the loss.
         ``teacher`` is None for methods whose METHOD says ``uses_teacher: False``; otherwise it was
         computed under no_grad."""
         raise NotImplementedError
+
+
+class TapPairMethod(Method):
+    """A method that reads one teacher tap and one student tap, named by its ``teacher_tap`` and
+    ``student_tap`` params (FT, Tucker, FitNet, SP, PKT, RKD, CC, CRD)."""
+
+    @property
+    def teacher_taps(self) -> tuple[str, ...]:
+        return (self.params["teacher_tap"],)
+
+    @property
+    def student_taps(self) -> tuple[str, ...]:
+        return (self.params["student_tap"],)
 
 
 _REGISTRY: dict[str, type[Method]] = {}

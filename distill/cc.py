@@ -21,11 +21,10 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from distill._feature_maps import embedding_size
-from distill.base import Batch, Method, MethodContext, ModelOutput, register_method
+from distill.base import Batch, MethodContext, ModelOutput, TapPairMethod, register_method
 
 METHOD = {
     "name": "cc",
@@ -49,12 +48,11 @@ def correlation_term(student_embedding: torch.Tensor, teacher_embedding: torch.T
 
 
 @register_method
-class CC(Method):
+class CC(TapPairMethod):
     METHOD = METHOD
 
     def __init__(self, params: Mapping[str, Any], context: MethodContext):
         super().__init__(params, context)
-        self.check(self.params, context)
         embed_dim = self.params["embed_dim"]
         self.student_embed = nn.Linear(embedding_size(context, self.params, "student_tap"), embed_dim)
         self.teacher_embed = nn.Linear(embedding_size(context, self.params, "teacher_tap"), embed_dim)
@@ -65,19 +63,11 @@ class CC(Method):
         for key in ("teacher_tap", "student_tap"):
             embedding_size(context, params, key)
 
-    @property
-    def teacher_taps(self) -> tuple[str, ...]:
-        return (self.params["teacher_tap"],)
-
-    @property
-    def student_taps(self) -> tuple[str, ...]:
-        return (self.params["student_tap"],)
-
     def loss(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch) -> dict[str, torch.Tensor]:
         assert teacher is not None, "uses_teacher is True, so the training loop passes the teacher's output"
         student_embedding = self.student_embed(student.features[self.params["student_tap"]].flatten(1))
         teacher_embedding = self.teacher_embed(teacher.features[self.params["teacher_tap"]].detach().flatten(1))
         return {
-            "ce": self.params["ce_weight"] * F.cross_entropy(student.logits, batch.labels),
+            "ce": self.cross_entropy(student, batch),
             "cc": self.params["weight"] * correlation_term(student_embedding, teacher_embedding),
         }

@@ -34,11 +34,10 @@ import math
 from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from distill._feature_maps import embedding_size
-from distill.base import Batch, Method, MethodConfigError, MethodContext, ModelOutput, register_method
+from distill.base import Batch, MethodConfigError, MethodContext, ModelOutput, TapPairMethod, register_method
 
 METHOD = {
     "name": "crd",
@@ -95,12 +94,11 @@ def momentum_update(bank: torch.Tensor, indices: torch.Tensor, embeddings: torch
 
 
 @register_method
-class CRD(Method):
+class CRD(TapPairMethod):
     METHOD = METHOD
 
     def __init__(self, params: Mapping[str, Any], context: MethodContext):
         super().__init__(params, context)
-        self.check(self.params, context)
         if context.train_size <= 0:
             raise MethodConfigError("nce_k", "crd keeps a memory bank of the training set, but the training set size is not known")
         feat_dim = self.params["feat_dim"]
@@ -122,14 +120,6 @@ class CRD(Method):
                 "nce_k", f"nce_k {nce_k} needs at least {nce_k + 1} training samples (each one's own and nce_k others); "
                          f"the training set has {context.train_size}",
             )
-
-    @property
-    def teacher_taps(self) -> tuple[str, ...]:
-        return (self.params["teacher_tap"],)
-
-    @property
-    def student_taps(self) -> tuple[str, ...]:
-        return (self.params["student_tap"],)
 
     def loss(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch) -> dict[str, torch.Tensor]:
         assert teacher is not None, "uses_teacher is True, so the training loop passes the teacher's output"
@@ -153,6 +143,6 @@ class CRD(Method):
             momentum_update(self.student_bank, batch.indices, student_embedding.detach(), self.params["nce_m"])
             momentum_update(self.teacher_bank, batch.indices, teacher_embedding.detach(), self.params["nce_m"])
         return {
-            "ce": self.params["ce_weight"] * F.cross_entropy(student.logits, batch.labels),
+            "ce": self.cross_entropy(student, batch),
             "crd": self.params["weight"] * crd,
         }

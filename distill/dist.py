@@ -66,7 +66,7 @@ class DIST(Method):
         assert teacher is not None, "uses_teacher is True, so the training loop passes the teacher's output"
         inter, intra = inter_intra(student.logits, teacher.logits.detach(), self.params["temperature"])
         return {
-            "ce": self.params["ce_weight"] * F.cross_entropy(student.logits, batch.labels),
+            "ce": self.cross_entropy(student, batch),
             "inter": self.params["beta"] * inter,
             "intra": self.params["gamma"] * intra,
         }

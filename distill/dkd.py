@@ -85,7 +85,7 @@ class DKD(Method):
         tckd, nckd = tckd_nckd(student.logits, teacher.logits.detach(), batch.labels, self.params["temperature"])
         ramp = warmup_factor(batch.epoch, self.params["warmup_epochs"])
         return {
-            "ce": self.params["ce_weight"] * F.cross_entropy(student.logits, batch.labels),
+            "ce": self.cross_entropy(student, batch),
             "tckd": ramp * self.params["alpha"] * tckd,
             "nckd": ramp * self.params["beta"] * nckd,
         }

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill._feature_maps import feature_map_shape
-from distill.base import Batch, Method, MethodConfigError, MethodContext, ModelOutput, register_method
+from distill.base import Batch, MethodConfigError, MethodContext, ModelOutput, TapPairMethod, register_method
 
 METHOD = {
     "name": "fitnet",
@@ -72,12 +72,11 @@ class HintRegressor(nn.Module):
 
 
 @register_method
-class FitNet(Method):
+class FitNet(TapPairMethod):
     METHOD = METHOD
 
     def __init__(self, params: Mapping[str, Any], context: MethodContext):
         super().__init__(params, context)
-        self.check(self.params, context)
         self.regressor = HintRegressor(
             feature_map_shape(context, self.params, "student_tap"), feature_map_shape(context, self.params, "teacher_tap")
         )
@@ -95,19 +94,11 @@ class FitNet(Method):
                 f"or exactly half of them",
             )
 
-    @property
-    def teacher_taps(self) -> tuple[str, ...]:
-        return (self.params["teacher_tap"],)
-
-    @property
-    def student_taps(self) -> tuple[str, ...]:
-        return (self.params["student_tap"],)
-
     def loss(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch) -> dict[str, torch.Tensor]:
         assert teacher is not None, "uses_teacher is True, so the training loop passes the teacher's output"
         regressed = self.regressor(student.features[self.params["student_tap"]])
         hint = F.mse_loss(regressed, teacher.features[self.params["teacher_tap"]].detach())
         return {
-            "ce": self.params["ce_weight"] * F.cross_entropy(student.logits, batch.labels),
+            "ce": self.cross_entropy(student, batch),
             "fitnet": self.params["weight"] * hint,
         }

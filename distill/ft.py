@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill._feature_maps import feature_map_shape
-from distill.base import Batch, Method, MethodConfigError, MethodContext, ModelOutput, register_method
+from distill.base import Batch, MethodConfigError, MethodContext, ModelOutput, TapPairMethod, register_method
 
 METHOD = {
     "name": "ft",
@@ -152,13 +152,12 @@ def ft_term(student_factor: torch.Tensor, teacher_factor: torch.Tensor, beta: fl
 
 
 @register_method
-class FT(Method):
+class FT(TapPairMethod):
     METHOD = METHOD
 
     def __init__(self, params: Mapping[str, Any], context: MethodContext):
         """Loads the pre-stage's paraphraser, frozen; without a pre_stage_dir (tests) it stays random."""
         super().__init__(params, context)
-        self.check(self.params, context)
         teacher_shape = context.teacher_tap_shapes[self.params["teacher_tap"]]
         student_shape = context.student_tap_shapes[self.params["student_tap"]]
         self.paraphraser = build_paraphraser(teacher_shape, self.params)
@@ -183,14 +182,6 @@ class FT(Method):
         if factor_channels(teacher_shape[0], params["factor_rate"]) < 1:
             raise MethodConfigError("factor_rate", f"{params['factor_rate']} x {teacher_shape[0]} channels rounds to no factor channel")
 
-    @property
-    def teacher_taps(self) -> tuple[str, ...]:
-        return (self.params["teacher_tap"],)
-
-    @property
-    def student_taps(self) -> tuple[str, ...]:
-        return (self.params["student_tap"],)
-
     def train(self, mode: bool = True) -> FT:
         """Train the translator only: the frozen paraphraser's batch norm keeps its pre-stage statistics."""
         super().train(mode)
@@ -203,6 +194,6 @@ class FT(Method):
             teacher_factor = self.paraphraser.encode(teacher.features[self.params["teacher_tap"]])
         student_factor = self.translator(student.features[self.params["student_tap"]])
         return {
-            "ce": self.params["ce_weight"] * F.cross_entropy(student.logits, batch.labels),
+            "ce": self.cross_entropy(student, batch),
             "ft": ft_term(student_factor, teacher_factor, self.params["beta"], self.params["form"], self.params["p"]),
         }

@@ -71,6 +71,6 @@ class KD(Method):
             student_logits, teacher_logits = standardize(student_logits), standardize(teacher_logits)
         kd = soft_target_kl(student_logits, teacher_logits, self.params["temperature"])
         return {
-            "ce": self.params["ce_weight"] * F.cross_entropy(student.logits, batch.labels),
+            "ce": self.cross_entropy(student, batch),
             "kd": self.params["kd_weight"] * kd,
         }

@@ -16,10 +16,9 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 
 from distill._feature_maps import embedding_size
-from distill.base import Batch, Method, MethodContext, ModelOutput, register_method
+from distill.base import Batch, MethodContext, ModelOutput, TapPairMethod, register_method
 
 METHOD = {
     "name": "pkt",
@@ -54,12 +53,8 @@ def pkt_term(student_embedding: torch.Tensor, teacher_embedding: torch.Tensor) -
 
 
 @register_method
-class PKT(Method):
+class PKT(TapPairMethod):
     METHOD = METHOD
-
-    def __init__(self, params: Mapping[str, Any], context: MethodContext):
-        super().__init__(params, context)
-        self.check(self.params, context)
 
     @classmethod
     def check(cls, params: Mapping[str, Any], context: MethodContext) -> None:
@@ -67,18 +62,10 @@ class PKT(Method):
         for key in ("teacher_tap", "student_tap"):
             embedding_size(context, params, key)
 
-    @property
-    def teacher_taps(self) -> tuple[str, ...]:
-        return (self.params["teacher_tap"],)
-
-    @property
-    def student_taps(self) -> tuple[str, ...]:
-        return (self.params["student_tap"],)
-
     def loss(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch) -> dict[str, torch.Tensor]:
         assert teacher is not None, "uses_teacher is True, so the training loop passes the teacher's output"
         pkt = pkt_term(student.features[self.params["student_tap"]], teacher.features[self.params["teacher_tap"]].detach())
         return {
-            "ce": self.params["ce_weight"] * F.cross_entropy(student.logits, batch.labels),
+            "ce": self.cross_entropy(student, batch),
             "pkt": self.params["weight"] * pkt,
         }

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from distill._feature_maps import embedding_size
-from distill.base import Batch, Method, MethodContext, ModelOutput, register_method
+from distill.base import Batch, MethodContext, ModelOutput, TapPairMethod, register_method
 
 METHOD = {
     "name": "rkd",
@@ -71,12 +71,8 @@ def rkd_terms(student_embedding: torch.Tensor, teacher_embedding: torch.Tensor) 
 
 
 @register_method
-class RKD(Method):
+class RKD(TapPairMethod):
     METHOD = METHOD
-
-    def __init__(self, params: Mapping[str, Any], context: MethodContext):
-        super().__init__(params, context)
-        self.check(self.params, context)
 
     @classmethod
     def check(cls, params: Mapping[str, Any], context: MethodContext) -> None:
@@ -84,19 +80,11 @@ class RKD(Method):
         for key in ("teacher_tap", "student_tap"):
             embedding_size(context, params, key)
 
-    @property
-    def teacher_taps(self) -> tuple[str, ...]:
-        return (self.params["teacher_tap"],)
-
-    @property
-    def student_taps(self) -> tuple[str, ...]:
-        return (self.params["student_tap"],)
-
     def loss(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch) -> dict[str, torch.Tensor]:
         assert teacher is not None, "uses_teacher is True, so the training loop passes the teacher's output"
         distance, angle = rkd_terms(student.features[self.params["student_tap"]], teacher.features[self.params["teacher_tap"]].detach())
         return {
-            "ce": self.params["ce_weight"] * F.cross_entropy(student.logits, batch.labels),
+            "ce": self.cross_entropy(student, batch),
             "rkd_distance": self.params["distance_weight"] * distance,
             "rkd_angle": self.params["angle_weight"] * angle,
         }

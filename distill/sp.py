@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from distill._feature_maps import feature_map_shape
-from distill.base import Batch, Method, MethodContext, ModelOutput, register_method
+from distill.base import Batch, MethodContext, ModelOutput, TapPairMethod, register_method
 
 METHOD = {
     "name": "sp",
@@ -47,12 +47,8 @@ def similarity_term(student_map: torch.Tensor, teacher_map: torch.Tensor) -> tor
 
 
 @register_method
-class SP(Method):
+class SP(TapPairMethod):
     METHOD = METHOD
-
-    def __init__(self, params: Mapping[str, Any], context: MethodContext):
-        super().__init__(params, context)
-        self.check(self.params, context)
 
     @classmethod
     def check(cls, params: Mapping[str, Any], context: MethodContext) -> None:
@@ -60,18 +56,10 @@ class SP(Method):
         for key in ("teacher_tap", "student_tap"):
             feature_map_shape(context, params, key)
 
-    @property
-    def teacher_taps(self) -> tuple[str, ...]:
-        return (self.params["teacher_tap"],)
-
-    @property
-    def student_taps(self) -> tuple[str, ...]:
-        return (self.params["student_tap"],)
-
     def loss(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch) -> dict[str, torch.Tensor]:
         assert teacher is not None, "uses_teacher is True, so the training loop passes the teacher's output"
         sp = similarity_term(student.features[self.params["student_tap"]], teacher.features[self.params["teacher_tap"]].detach())
         return {
-            "ce": self.params["ce_weight"] * F.cross_entropy(student.logits, batch.labels),
+            "ce": self.cross_entropy(student, batch),
             "sp": self.params["weight"] * sp,
         }

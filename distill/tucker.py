@@ -49,7 +49,7 @@ from tensorly.decomposition import partial_tucker
 from torch import nn
 
 from distill._feature_maps import feature_map_shape
-from distill.base import Batch, Method, MethodConfigError, MethodContext, ModelOutput, register_method
+from distill.base import Batch, MethodConfigError, MethodContext, ModelOutput, TapPairMethod, register_method
 
 METHOD = {
     "name": "tucker",
@@ -112,12 +112,11 @@ def aligned_l1(student_core: torch.Tensor, teacher_core: torch.Tensor, per_sampl
 
 
 @register_method
-class Tucker(Method):
+class Tucker(TapPairMethod):
     METHOD = METHOD
 
     def __init__(self, params: Mapping[str, Any], context: MethodContext):
         super().__init__(params, context)
-        self.check(self.params, context)
         teacher_channels = context.teacher_tap_shapes[self.params["teacher_tap"]][0]
         student_channels = context.student_tap_shapes[self.params["student_tap"]][0]
         self.projection = (
@@ -143,14 +142,6 @@ class Tucker(Method):
                     f"which allows at most {limits} in {params['mode']} mode",
                 )
 
-    @property
-    def teacher_taps(self) -> tuple[str, ...]:
-        return (self.params["teacher_tap"],)
-
-    @property
-    def student_taps(self) -> tuple[str, ...]:
-        return (self.params["student_tap"],)
-
     def cores(self, features: torch.Tensor) -> torch.Tensor:
         """Tucker cores (N, rc, rh, rw) in this method's mode, each sample's scaled to unit Frobenius norm."""
         decompose = tucker_cores if self.params["mode"] == "full" else samplewise_tucker_cores
@@ -163,6 +154,6 @@ class Tucker(Method):
             teacher_core = self.cores(teacher.features[self.params["teacher_tap"]])
         student_core = self.cores(self.projection(student.features[self.params["student_tap"]]))
         return {
-            "ce": self.params["ce_weight"] * F.cross_entropy(student.logits, batch.labels),
+            "ce": self.cross_entropy(student, batch),
             "tucker": self.params["weight"] * aligned_l1(student_core, teacher_core, self.params["mode"] == "samplewise"),
         }

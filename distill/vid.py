@@ -82,7 +82,6 @@ class VID(Method):
 
     def __init__(self, params: Mapping[str, Any], context: MethodContext):
         super().__init__(params, context)
-        self.check(self.params, context)
         self.regressors = nn.ModuleList()
         for teacher_tap, student_tap in zip(self.params["teacher_taps"], self.params["student_taps"]):
             teacher_channels = context.teacher_tap_shapes[teacher_tap][0]
@@ -123,6 +122,6 @@ class VID(Method):
         pairs = zip(self.regressors, self.params["student_taps"], self.params["teacher_taps"])
         vid = sum(regressor(student.features[s_tap], teacher.features[t_tap].detach()) for regressor, s_tap, t_tap in pairs)
         return {
-            "ce": self.params["ce_weight"] * F.cross_entropy(student.logits, batch.labels),
+            "ce": self.cross_entropy(student, batch),
             "vid": self.params["weight"] * vid,
         }
