@@ -474,7 +474,8 @@ def test_jobs_run_through_a_fake_qsub(tmp_path: Path, monkeypatch: pytest.Monkey
     assert "stdout of one" in single.stdout()
     assert [job.job_id for job in array] == ["702_0", "702_1"]
     assert array[0].result() == "A" and array[0].state == "COMPLETED"
-    assert array[1].state == "FAILED" and "ValueError: boom" in str(array[1].exception())
+    error = array[1].exception()  # waits for the task: until its result file appears its state is UNKNOWN
+    assert "ValueError: boom" in str(error) and array[1].state == "FAILED"
 
 
 # --- the cluster backend's scheduler ------------------------------------------------------------
