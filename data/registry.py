@@ -4,7 +4,9 @@ A data set lives in a module of this package holding ``DATASETS`` (a literal the
 without importing torch), ``AUGMENT`` (its batched training augmentation) and
 ``read(name, root) -> RawSplits``; adding one is a new module and one entry in ``_MODULES``. The
 validation split is carved here, the same way for every data set, from the official training part
-only, so that choosing on validation never looks at a test image.
+only, so that choosing on validation never looks at a test image. A few-data training subset
+(``subset_size``, as comparative KD trains its students) is drawn after that, from the training
+split alone, so the validation split is the same with and without it.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from torch import Tensor
 from data import cifar, digits
 from data.errors import DatasetError
 from data.files import NO_DATA_ROOT, fingerprint
-from data.splits import RawSplits, stratified_holdout
+from data.splits import RawSplits, stratified_holdout, stratified_subset
 
 DATA_ROOT_ENV = "KDBENCH_DATA"
 
@@ -32,6 +34,9 @@ _MODULE_OF = {name: module for module in _MODULES for name in module.DATASETS}
 class DatasetSplits:
     """A data set ready for training: images float32 (N, C, H, W) normalised per channel with the
     training split's mean and std (kept in ``channel_mean``/``channel_std`` to undo it), labels int64.
+    With a ``subset_size`` the training tensors hold only the subset, but the statistics stay the
+    whole training split's: the teacher, trained on all of it, then sees its inputs normalised as
+    in its own training, and the validation and test tensors do not change with the subset.
 
     ``augment(images, generator)`` is the data set's training augmentation for a batch of these
     images. The validation tensors are empty when ``val_fraction`` is 0.
@@ -55,10 +60,16 @@ def dataset_names() -> list[str]:
 
 
 def load_dataset(
-    name: str, root: str | None, val_fraction: float, split_seed: int, expected_fingerprint: str | None = None
+    name: str,
+    root: str | None,
+    val_fraction: float,
+    split_seed: int,
+    expected_fingerprint: str | None = None,
+    subset_size: int | None = None,
 ) -> DatasetSplits:
     """Read ``name`` from ``root`` (None: env ``KDBENCH_DATA``) and hold out a seeded, stratified
-    ``val_fraction`` of its training part for validation.
+    ``val_fraction`` of its training part for validation; with ``subset_size``, train on a seeded,
+    stratified subset of that many images of the rest (``data/splits.py``, same ``split_seed``).
 
     With ``expected_fingerprint`` (what the plan hashed), files that fingerprint otherwise are
     refused before they are read: a stage must not write results for other data into a folder
@@ -73,7 +84,9 @@ def load_dataset(
     if expected_fingerprint is not None:
         check_fingerprint(name, root, expected_fingerprint)
     raw = module.read(name, root)
-    return _split_and_normalise(raw, module.DATASETS[name]["num_classes"], val_fraction, split_seed, module.AUGMENT)
+    return _split_and_normalise(
+        name, raw, module.DATASETS[name]["num_classes"], val_fraction, split_seed, subset_size, module.AUGMENT,
+    )
 
 
 def check_fingerprint(name: str, root: str | None, expected: str) -> None:
@@ -91,17 +104,32 @@ def check_fingerprint(name: str, root: str | None, expected: str) -> None:
         )
 
 
+def _training_subset(name: str, labels: np.ndarray, train: np.ndarray, subset_size: int, seed: int) -> np.ndarray:
+    """Positions into ``train`` (indices into the official training part) of the ``subset_size`` images to keep."""
+    if isinstance(subset_size, bool) or not isinstance(subset_size, int) or not 1 <= subset_size <= len(train):
+        raise DatasetError(
+            f"data.subset_size {subset_size!r} does not fit data set {name}'s training split of {len(train)} images "
+            f"(after the validation hold-out); allowed: an int from 1 to {len(train)}, or null for all of it"
+        )
+    return stratified_subset(labels[train], train, subset_size, seed)
+
+
 def _split_and_normalise(
+    name: str,
     raw: RawSplits,
     num_classes: int,
     val_fraction: float,
     split_seed: int,
+    subset_size: int | None,
     augment: Callable[[Tensor, torch.Generator], Tensor],
 ) -> DatasetSplits:
     train, val = stratified_holdout(raw.train_labels, val_fraction, split_seed)
     train_images = torch.tensor(raw.train_images[train], dtype=torch.float32)
     variance, mean = torch.var_mean(train_images, dim=(0, 2, 3), correction=0)
     std = variance.sqrt()
+    if subset_size is not None:
+        kept = _training_subset(name, raw.train_labels, train, subset_size, split_seed)
+        train, train_images = train[kept], train_images[torch.from_numpy(kept)]
 
     def normalised(images: Tensor) -> Tensor:
         return images.sub_(mean[:, None, None]).div_(std[:, None, None])
