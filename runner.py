@@ -287,6 +287,30 @@ def command_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_layers(args: argparse.Namespace) -> int:
+    """One line per generalised layer of ARCH: the index a sweep may give as a tap, the module, its
+    per-sample output shape for the data set's images (on the meta device: no weights, no data)."""
+    from pipeline.catalogue import load_catalogue
+
+    catalogue = load_catalogue()
+    for kind, name, known in (("architecture", args.arch, catalogue.architectures), ("data set", args.dataset, catalogue.datasets)):
+        if name not in known:
+            print(f"error: unknown {kind} {name!r}; allowed: {', '.join(sorted(known))}", file=sys.stderr)
+            return 2
+    from models.registry import tap_shapes
+
+    architecture, dataset = catalogue.architectures[args.arch], catalogue.datasets[args.dataset]
+    shapes = tap_shapes(args.arch, dataset.image_shape, dataset.num_classes)
+    image = "x".join(str(size) for size in dataset.image_shape)
+    print(f"{args.arch}: {len(architecture.layers)} generalised layers, output per sample for {args.dataset} images ({image})")
+    width = max(len(name) for name in architecture.layers)
+    print(f"{'index':>5}  {'layer':<{width}}  {'shape':<16}  tap")
+    for index, name in enumerate(architecture.layers):
+        tap = "yes" if name in architecture.taps else ""
+        print(f"{index:>5}  {name:<{width}}  {shapes[index]!s:<16}  {tap}".rstrip())
+    return 0
+
+
 def command_demo(args: argparse.Namespace) -> int:
     args.sweep, args.out = str(DEMO_SWEEP), None
     started = time.perf_counter()
@@ -357,6 +381,12 @@ def parser() -> argparse.ArgumentParser:
     sub.add_argument("sweep", help="sweep YAML file")
     sub.add_argument("--out", help="folder for report.md/.csv/.png (default: logs/report-<sweep name>)")
     with_root(sub)
+
+    sub = command("layers", command_layers,
+                  "list an architecture's generalised layers (tap indices) with their output shapes",
+                  "python runner.py layers resnet8x4 --dataset digits")
+    sub.add_argument("arch", help="architecture name, e.g. resnet20")
+    sub.add_argument("--dataset", default="cifar100", help="data set whose image shape the shapes are for (default: cifar100, 3x32x32)")
 
     sub = command("demo", command_demo, "run the bundled demo sweep (configs/demo.yaml) and print its report", "python runner.py demo")
     sub.add_argument("--max-parallel", type=int, help="stages at once (default: cores / cpus per stage)")

@@ -17,7 +17,7 @@ def feature_map_shape(context: MethodContext, params: Mapping[str, Any], key: st
     shapes = context.teacher_tap_shapes if side == "teacher" else context.student_tap_shapes
     tap = params[key]
     if tap not in shapes:
-        raise MethodConfigError(key, f"the {side} has no tap {tap!r}; it has {', '.join(sorted(shapes))}")
+        raise MethodConfigError(key, f"the {side} has no tap {tap!r}; it has {', '.join(sorted(map(str, shapes)))}")
     shape = tuple(shapes[tap])
     if len(shape) != 3:
         raise MethodConfigError(key, f"the {side} tap {tap!r} has shape {shape}; this method needs a (C, H, W) feature map")
@@ -30,7 +30,7 @@ def tap_shape(context: MethodContext, side: str, tap: str, key: str) -> tuple[in
     that chose it, for the error when the model has no such tap."""
     shapes = context.teacher_tap_shapes if side == "teacher" else context.student_tap_shapes
     if tap not in shapes:
-        raise MethodConfigError(key, f"the {side} has no tap {tap!r}; it has {', '.join(sorted(shapes))}")
+        raise MethodConfigError(key, f"the {side} has no tap {tap!r}; it has {', '.join(sorted(map(str, shapes)))}")
     return tuple(shapes[tap])
 
 

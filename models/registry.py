@@ -11,8 +11,8 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from models import resnet_cifar
-from models.taps import FeatureTaps
+from models import resnet_cifar, taps
+from models.taps import FeatureTaps, Tap
 
 _FAMILIES: tuple[ModuleType, ...] = (resnet_cifar,)
 
@@ -45,19 +45,35 @@ def build_model(arch: str, num_classes: int, in_channels: int) -> nn.Module:
     return _family(arch).build(arch, num_classes, in_channels)
 
 
-def tap_shapes(arch: str, image_shape: tuple[int, int, int], num_classes: int) -> dict[str, tuple[int, ...]]:
-    """Per-sample output shape of each declared tap of ``arch`` for images of ``image_shape`` (C, H, W).
+def generalised_layers(arch_or_model: str | nn.Module) -> tuple[str, ...]:
+    """The generalised layers (``models.taps.generalised_layers``) of a model or of architecture ``arch``.
 
-    Methods size their projections from these before any weights exist; the forward pass runs on
-    the ``meta`` device, so it allocates no memory and takes milliseconds even for resnet110.
+    For a name the model is built on the ``meta`` device: the names do not depend on the classes or
+    input channels, and nothing is allocated.
     """
-    tap_names = _family(arch).ARCHITECTURES[arch]["taps"]
+    if isinstance(arch_or_model, str):
+        with torch.device("meta"):
+            arch_or_model = build_model(arch_or_model, num_classes=10, in_channels=3)
+    return taps.generalised_layers(arch_or_model)
+
+
+def tap_shapes(arch: str, image_shape: tuple[int, int, int], num_classes: int) -> dict[Tap, tuple[int, ...]]:
+    """Per-sample output shape of every tap of ``arch`` for images of ``image_shape`` (C, H, W).
+
+    Keyed by each declared tap name, each generalised layer's name and each generalised layer's
+    index, so a method finds its tap's shape however the sweep named it. Methods size their
+    projections from these before any weights exist; the forward pass runs on the ``meta`` device,
+    so it allocates no memory and takes milliseconds even for resnet110.
+    """
     with torch.device("meta"):
         model = build_model(arch, num_classes, image_shape[0]).eval()
         images = torch.empty((1, *image_shape))
-    with torch.no_grad(), FeatureTaps(model, tap_names) as taps:
-        _, features = taps(images)
-    return {name: tuple(features[name].shape[1:]) for name in tap_names}
+    layers = taps.generalised_layers(model)
+    names = dict.fromkeys([*_family(arch).ARCHITECTURES[arch]["taps"], *layers])
+    keys: list[Tap] = [*names, *range(len(layers))]
+    with torch.no_grad(), FeatureTaps(model, keys) as tapped:
+        _, features = tapped(images)
+    return {key: tuple(features[key].shape[1:]) for key in keys}
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -57,6 +57,9 @@ class ResNetCifar(nn.Module):
     """stem -> layer1 -> layer2 -> layer3 -> pool -> fc; the child names are the tap names.
 
     ``depth`` is 6n + 2 (n blocks per stage); ``widths`` are the stem width then the three stages'.
+    Its generalised layers (``models.taps.generalised_layers``: stem, each block, pool, fc) are also
+    worked out from ``depth`` alone by ``pipeline/catalogue.py``'s ``resnet_cifar_layers`` for the
+    planner; a change to this module tree changes that function too (tests/test_layers.py checks).
     """
 
     def __init__(self, depth: int, widths: list[int], num_classes: int, in_channels: int):

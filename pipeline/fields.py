@@ -28,8 +28,9 @@ class FieldError(ValueError):
 class Field:
     """A typed setting. ``required`` fields have no default: the sweep must set them.
 
-    ``tap`` ("teacher" or "student") says the value names a feature tap of that model; it is
-    checked separately (``check_tap``) because the taps depend on the pair being planned.
+    ``tap`` ("teacher" or "student") says the value names a feature tap of that model, by name or
+    by generalised-layer index (an int >= 0); which names and how many layers exist depend on the
+    pair being planned, so that part is checked separately (``check_tap``).
     For a list, ``length`` fixes its length, ``item_type`` (if set) types its items, and
     ``min``/``max``/``choices``/``tap`` apply per item.
     """
@@ -55,10 +56,15 @@ class Field:
             if self.length is not None and len(value) != self.length:
                 raise FieldError(f"must be a list of {self.length} items, got {len(value)}")
             return [self._check_item(item) for item in value]
-        return self._check_item(_check_type(value, self.type))
+        return self._check_item(value if self.tap is not None else _check_type(value, self.type))
 
     def _check_item(self, value: Any) -> Any:
-        if self.type == "list" and self.item_type is not None:
+        if self.tap is not None:
+            if _is_int(value):
+                return _layer_index(value)
+            if not isinstance(value, str):
+                raise FieldError(f"must be a tap name or a generalised layer index, got {_describe(value)}")
+        elif self.type == "list" and self.item_type is not None:
             value = _check_type(value, self.item_type)
         if self.choices is not None and value not in self.choices:
             raise FieldError(f"{value!r} is not allowed", self.choices)
@@ -86,11 +92,16 @@ def _check_type(value: Any, type_name: str) -> Any:
     raise FieldError(f"must be {_TYPE_NAMES[type_name]}, got {_describe(value)}")
 
 
-def check_tap(field: Field, value: Any, taps: Sequence[str], arch: str) -> None:
-    """Raise FieldError unless ``value`` (or each item of a list) is one of ``arch``'s taps."""
+def check_tap(field: Field, value: Any, taps: Sequence[str], layers: Sequence[str], arch: str) -> None:
+    """Raise FieldError unless ``value`` (or each item of a list) is one of ``arch``'s declared
+    ``taps``, one of its generalised ``layers`` by name, or an index into ``layers``."""
+    allowed = (f"0..{len(layers) - 1}", *taps)
+    where = f"{field.tap} {arch}'s {len(layers)} generalised layers (runner.py layers {arch} lists them)"
     for item in value if isinstance(value, list) else [value]:
-        if item not in taps:
-            raise FieldError(f"{item!r} is not a tap of {field.tap} {arch}", taps)
+        if _is_int(item) and not 0 <= item < len(layers):
+            raise FieldError(f"{item} is out of range for {where}", allowed)
+        if not _is_int(item) and item not in taps and item not in layers:
+            raise FieldError(f"{item!r} is not a tap of {field.tap} {arch}, nor one of its {len(layers)} generalised layers", allowed)
 
 
 def unknown_key(key: str, allowed: Sequence[str], what: str = "key") -> FieldError:
@@ -98,6 +109,16 @@ def unknown_key(key: str, allowed: Sequence[str], what: str = "key") -> FieldErr
     close = difflib.get_close_matches(str(key), list(allowed), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return FieldError(f"unknown {what} {key!r}{hint}", allowed)
+
+
+def _layer_index(value: int) -> int:
+    if value < 0:
+        raise FieldError(f"{value} is negative; generalised layers count from 0", ["an index >= 0", "a tap name"])
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:

@@ -49,7 +49,8 @@ def test_resnet32_matches_the_crd_table_and_runs_on_cifar() -> None:
 
 
 def test_tap_shapes_on_cifar() -> None:
-    assert tap_shapes("resnet8x4", (3, 32, 32), 100) == {
+    shapes = tap_shapes("resnet8x4", (3, 32, 32), 100)
+    assert {name: shapes[name] for name in ("stem", "layer1", "layer2", "layer3", "pool")} == {
         "stem": (32, 32, 32),
         "layer1": (64, 32, 32),
         "layer2": (128, 16, 16),
@@ -69,7 +70,8 @@ def test_tap_shapes_agree_with_a_real_forward() -> None:
     with FeatureTaps(model, ["stem", "layer1", "layer2", "layer3", "pool"]) as taps:
         _, features = taps(torch.randn(1, 3, 16, 16))
     measured = {name: tuple(feature.shape[1:]) for name, feature in features.items()}
-    assert measured == tap_shapes("resnet56", (3, 16, 16), 10)
+    shapes = tap_shapes("resnet56", (3, 16, 16), 10)
+    assert measured == {name: shapes[name] for name in measured}
 
 
 def test_pool_tap_is_the_classifier_input() -> None:
@@ -155,7 +157,7 @@ def test_architectures_literal_is_readable_without_torch() -> None:
     declared = ast.literal_eval(assignments[0].value)
     assert sorted(declared) == architecture_names()
     for arch, entry in declared.items():
-        assert set(tap_shapes(arch, (3, 32, 32), 10)) == set(entry["taps"])
+        assert set(entry["taps"]) <= set(tap_shapes(arch, (3, 32, 32), 10))
 
 
 def test_models_package_does_not_import_torch() -> None:
