@@ -13,8 +13,9 @@ A method is one file ``distill/<name>.py`` holding two things:
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,9 @@ class Batch:
     labels: torch.Tensor
     epoch: int = 0
     indices: torch.Tensor | None = None
+    generator: torch.Generator | None = None
+    """A CPU generator seeded by (seed, epoch, step) for a method's own random draws (mixup's weights),
+    so a resumed epoch draws the same numbers; None outside the training loop."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,8 @@ class MethodContext:
     ``pre_stage_dir`` is the weights folder of the method's pre-stage (FT's paraphraser), if any.
     ``train_size`` is the number of training samples (the range of ``Batch.indices``); 0 where it is
     not known yet, as in the planner's preflight, which loads no data.
+    ``teacher`` is the trained teacher, for a method that reuses its modules (simkd's classifier);
+    None in the preflight and when a saved student is rebuilt, whose saved state restores them.
     """
 
     num_classes: int
@@ -57,6 +63,7 @@ class MethodContext:
     student_tap_shapes: Mapping[str, tuple[int, ...]]
     pre_stage_dir: str | None = None
     train_size: int = 0
+    teacher: nn.Module | None = None
 
 
 class MethodConfigError(ValueError):
@@ -92,6 +99,28 @@ class Method(nn.Module):
     def student_taps(self) -> tuple[str, ...]:
         """Student feature taps this method reads; their graphs stay attached so the loss trains them."""
         return ()
+
+    def prepare_batch(self, batch: Batch) -> Batch:
+        """The batch both networks see. Most methods show the loader's batch as it is; a sample-mixing
+        method (mixup) returns mixed images, and what its loss needs to weigh their labels."""
+        return batch
+
+    @property
+    def detached_student_tap(self) -> str | None:
+        """A student tap whose layers only this method's feature terms train: the rest of the student
+        sees that tap's output detached, so no label or logit gradient reaches below it (feature-only
+        distillation). None: the whole student trains on every term."""
+        return None
+
+    def student_logits(self, student: ModelOutput) -> torch.Tensor:
+        """The logits the student predicts with during training (its train accuracy); a method whose
+        student predicts through the method's own head (simkd) computes them from the features."""
+        return student.logits
+
+    def deployed(self, student: nn.Module) -> nn.Module:
+        """The network that validation, evaluation and the parameter count see: the student itself, or
+        the student with this method's modules on top (simkd's projector and reused teacher head)."""
+        return student
 
     def cross_entropy(self, student: ModelOutput, batch: Batch) -> torch.Tensor:
         """The labelled term every method beside its own adds: ``ce_weight`` x cross-entropy."""

@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import ast
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 from data.files import FINGERPRINTS, NO_DATA_ROOT, fingerprint
 from pipeline.fields import TYPES, Field, FieldError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PRE_STAGE_KINDS = ("pretrain_paraphraser",)
+PRE_STAGE_KINDS = ("pretrain_paraphraser", "fit_pca")
 _NAME = re.compile(r"[A-Za-z0-9_.]+")
 """Names become parts of stage folder names, where '-' separates the parts and ':' splits a pair."""
 _PARAM_KEYS = ("default", "min", "max", "choices", "tap", "length", "type", "required", "help")
@@ -34,10 +36,16 @@ class CatalogueError(ValueError):
 
 @dataclass(frozen=True)
 class PreStage:
-    """A stage a method needs before its student trains (FT's paraphraser), and the params it reads."""
+    """A stage a method needs before its student trains (FT's paraphraser), the params it reads, and
+    the param values it is needed for (``when``; empty: always), as a PCA projection needs its fit."""
 
     kind: str
     params: tuple[str, ...]
+    when: Mapping[str, Any] = dataclass_field(default_factory=dict)
+
+    def needed(self, params: Mapping[str, Any]) -> bool:
+        """Whether a student with these method params needs this pre-stage."""
+        return all(params.get(key) == value for key, value in self.when.items())
 
 
 @dataclass(frozen=True)
@@ -49,12 +57,25 @@ class MethodSpec:
     pre_stage: PreStage | None
 
 
+COMPOSITION_SEPARATOR = "+"
+"""Joins methods trained together in one ``method`` value: ``crd+kd``."""
+
+
+def method_names(value: str) -> list[str]:
+    """The names of the methods a ``method`` value combines, in order: ``"crd+kd"`` -> crd, kd."""
+    return value.split(COMPOSITION_SEPARATOR)
+
+
 @dataclass(frozen=True)
 class Architecture:
+    """An ``ARCHITECTURES`` entry. ``layers`` are its generalised layers: the module names, in forward
+    order, that a tap may also give by index (``resnet_cifar_layers``)."""
+
     name: str
     depth: int
     widths: tuple[int, ...]
     taps: tuple[str, ...]
+    layers: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -192,7 +213,17 @@ def _pre_stage(path: Path, literal: dict, params: Mapping[str, Field]) -> PreSta
     for name in names:
         _expect(name in params, path, "METHOD.pre_stage.params", f"{name!r} is not one of METHOD.params")
     _expect(literal["uses_teacher"], path, "METHOD.pre_stage", "a pre-stage reads the teacher, so uses_teacher must be true")
-    return PreStage(raw["kind"], tuple(names))
+    when = raw.get("when", {})
+    _expect(isinstance(when, dict), path, "METHOD.pre_stage.when", "must be a dict of param name -> value")
+    for name, value in when.items():
+        _expect(name in params, path, f"METHOD.pre_stage.when.{name}", "is not one of METHOD.params")
+        try:
+            params[name].check(value)
+        except FieldError as error:
+            raise CatalogueError(f"{path}: METHOD.pre_stage.when.{name}: {error.problem}") from None
+    for key in raw:
+        _expect(key in ("kind", "params", "when"), path, f"METHOD.pre_stage.{key}", "unknown key; allowed: kind, params, when")
+    return PreStage(raw["kind"], tuple(names), MappingProxyType(dict(when)))
 
 
 def _architecture(path: Path, name: str, entry: dict) -> Architecture:
@@ -200,7 +231,21 @@ def _architecture(path: Path, name: str, entry: dict) -> Architecture:
     _expect(isinstance(entry.get("depth"), int), path, f"{where}.depth", "must be an int")
     _expect(_is_list_of(entry.get("widths"), int), path, f"{where}.widths", "must be a list of ints")
     _expect(_is_list_of(entry.get("taps"), str), path, f"{where}.taps", "must be a list of tap names")
-    return Architecture(name, entry["depth"], tuple(entry["widths"]), tuple(entry["taps"]))
+    depth = entry["depth"]
+    _expect(depth >= 8 and (depth - 2) % 6 == 0, path, f"{where}.depth", "must be 6n + 2 with n >= 1 (8, 14, 20, ...)")
+    return Architecture(name, depth, tuple(entry["widths"]), tuple(entry["taps"]), resnet_cifar_layers(depth))
+
+
+def resnet_cifar_layers(depth: int) -> tuple[str, ...]:
+    """The generalised layers of a CIFAR ResNet of ``depth`` (6n + 2), worked out without torch.
+
+    What ``models.taps.generalised_layers`` reads off the built network (a test holds the two
+    equal): the stem (conv, BN, ReLU), each residual block, the pooled feature and the classifier.
+    A stage's last block ends the stage, so it goes by the stage's name.
+    """
+    blocks = (depth - 2) // 6
+    stages = [(*(f"layer{stage}.{block}" for block in range(blocks - 1)), f"layer{stage}") for stage in (1, 2, 3)]
+    return ("stem", *(name for stage in stages for name in stage), "pool", "fc")
 
 
 def _dataset(path: Path, name: str, entry: dict) -> DatasetSpec:

@@ -3,9 +3,11 @@
 A stage's hash covers exactly what its output depends on, plus its upstream stages' hashes:
 
 * train_teacher: dataset (name, val_fraction, split_seed, fingerprint), teacher arch, teacher training settings;
+  ``data.subset_size`` reaches only the student (few-data distillation from a fully trained teacher),
+  and only when set, so sweeps without it keep their hashes;
 * pretrain_paraphraser: teacher hash, method name and the params its pre-stage declares;
 * train_student: dataset, student arch, student training settings (seed included), method name and
-  all its params, and the teacher / paraphraser hashes only when the method reads them, so a
+  all its params (every part's, for a composition such as ``crd+kd``), and the teacher / paraphraser hashes only when the method reads them, so a
   vanilla student is shared by every pair with its architecture and never retrains for a teacher;
 * evaluate: the evaluated model's hash and the reference teacher's.
 
@@ -24,12 +26,19 @@ from __future__ import annotations
 import copy
 import itertools
 import os
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
-from pipeline.catalogue import Catalogue, MethodSpec, dataset_fingerprint, load_catalogue
+from pipeline.catalogue import (
+    Catalogue,
+    MethodSpec,
+    dataset_fingerprint,
+    load_catalogue,
+    method_names,
+)
 from pipeline.graph import Experiment, Plan, StageSpec
 from pipeline.hashing import content_hash
-from pipeline.sweep import Sweep, load_sweep
+from pipeline.sweep import Sweep, SweepError, load_sweep
 from pipeline.sweep_schema import RUNTIME_KEYS, SECTIONS
 
 __all__ = ["Experiment", "Plan", "StageSpec", "build_plan", "expand"]
@@ -81,12 +90,18 @@ class _GraphBuilder:
         return stages
 
     def add_experiment(self, values: dict[str, Any]) -> Experiment:
-        method = self.catalogue.methods[values["method"]]
-        sections, params = self._resolve(values, method)
+        parts = [self.catalogue.methods[name] for name in method_names(values["method"])]
+        sections, params = self._resolve(values, parts)
         dataset_name, seed = values["dataset"], values["seed"]
         teacher_arch, student_arch = values["pair"].split(":")
-        dataset = {"name": dataset_name, **sections["data"], "fingerprint": self._fingerprint(dataset_name)}
-        method_settings = {"name": method.name, "params": params}
+        data = dict(sections["data"])
+        subset_size = data.pop("subset_size", None)
+        dataset = {"name": dataset_name, **data, "fingerprint": self._fingerprint(dataset_name)}
+        # Few-data distillation trains the student alone on a subset; its teacher keeps the whole split.
+        student_dataset = dataset if subset_size is None else {**dataset, "subset_size": subset_size}
+        method_settings = _method_settings(values["method"], parts, params)
+        uses_teacher = any(part.uses_teacher for part in parts)
+        pre_staged = self._pre_staged_part(values, parts, params)
 
         teacher = self._stage(
             "teacher", "train_teacher", [dataset_name, teacher_arch],
@@ -101,25 +116,26 @@ class _GraphBuilder:
             settings=evaluation, upstream={"model": teacher}, runtime=evaluation_runtime, hashed={},
         )
         paraphraser = None
-        if method.pre_stage is not None:
+        if pre_staged is not None:
+            # Only the params the pre-stage depends on: a shared paraphraser must not show the
+            # first FT run's beta or student tap as if they had shaped it.
+            pre_stage_params = {key: params[pre_staged.name][key] for key in pre_staged.pre_stage.params}
             paraphraser = self._stage(
-                "paraphraser", method.pre_stage.kind, [dataset_name, teacher_arch],
-                # Only the params the pre-stage depends on: a shared paraphraser must not show the
-                # first FT run's beta or student tap as if they had shaped it.
+                "paraphraser", pre_staged.pre_stage.kind, [dataset_name, teacher_arch],
                 settings={"dataset": dataset, "teacher_arch": teacher_arch, "method": {
-                    "name": method.name, "params": {key: params[key] for key in method.pre_stage.params}}},
+                    "name": pre_staged.name, "params": pre_stage_params}},
                 upstream={"teacher": teacher},
                 runtime=self._runtime(sections["student"]),
-                hashed={"method": method.name, "params": {key: params[key] for key in method.pre_stage.params}},
+                hashed={"method": pre_staged.name, "params": pre_stage_params},
             )
-        student_upstream = {"teacher": teacher} if method.uses_teacher else {}
+        student_upstream = {"teacher": teacher} if uses_teacher else {}
         if paraphraser is not None:
             student_upstream["paraphraser"] = paraphraser
-        run = [dataset_name, student_arch, method.name, f"s{seed}"]
+        run = [dataset_name, student_arch, values["method"], f"s{seed}"]
         student = self._stage(
             "student", "train_student", run,
             settings={
-                "dataset": dataset,
+                "dataset": student_dataset,
                 "arch": student_arch,
                 "training": {**_hashed_training(sections["student"]), "seed": seed},
                 "method": method_settings,
@@ -135,7 +151,7 @@ class _GraphBuilder:
             dataset=dataset_name,
             teacher=teacher_arch,
             student=student_arch,
-            method=method.name,
+            method=values["method"],
             seed=seed,
             axis_values=dict(values),
             teacher_stage=teacher.name,
@@ -145,19 +161,36 @@ class _GraphBuilder:
             evaluate_stage=evaluate.name,
         )
 
-    def _resolve(self, values: Mapping[str, Any], method: MethodSpec) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-        """The sections and this method's params of one combination: defaults, then its dotted axis values."""
+    def _pre_staged_part(
+        self, values: Mapping[str, Any], parts: list[MethodSpec], params: Mapping[str, Mapping[str, Any]]
+    ) -> MethodSpec | None:
+        """The part whose pre-stage this experiment needs; two such parts is a SweepError (a student
+        reads one pre-stage)."""
+        needing = [part for part in parts if part.pre_stage is not None and part.pre_stage.needed(params[part.name])]
+        if len(needing) > 1:
+            kinds = ", ".join(f"{part.name} ({part.pre_stage.kind})" for part in needing)
+            raise SweepError(self.sweep.path, "axes.method", f"{values['method']!r} combines methods that each need a "
+                             f"pre-stage here: {kinds}; a student has one pre-stage, so combine at most one of them")
+        return needing[0] if needing else None
+
+    def _resolve(
+        self, values: Mapping[str, Any], parts: list[MethodSpec]
+    ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+        """The sections, and each method part's params, of one combination: defaults, then a
+        composition's own values for its parts (``defaults.methods.crd+kd.kd``), then the dotted axis
+        values (``methods.<part>.<key>`` sets that part in every composition it is in)."""
         sections = {section: dict(self.sweep.defaults[section]) for section in SECTIONS}
-        params = dict(self.sweep.defaults["methods"][method.name])
+        composition = self.sweep.defaults["compositions"].get(values["method"], {})
+        params = {part.name: {**self.sweep.defaults["methods"][part.name], **composition.get(part.name, {})} for part in parts}
         for key, value in values.items():
             head, _, rest = key.partition(".")
             if head in sections:
                 sections[head][rest] = value
             elif head == "methods":
                 owner, _, param = rest.partition(".")
-                if owner == method.name:
-                    params[param] = value
-        return sections, {key: params[key] for key in method.params}
+                if owner in params:
+                    params[owner][param] = value
+        return sections, {part.name: {key: params[part.name][key] for key in part.params} for part in parts}
 
     def _fingerprint(self, dataset_name: str) -> str:
         """The data set's fingerprint under the sweep's data_root, computed once per plan."""
@@ -199,6 +232,18 @@ class _GraphBuilder:
         )
         self.groups[group][digest] = stage
         return stage
+
+
+def _method_settings(value: str, parts: list[MethodSpec], params: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The student's method settings: ``{"name", "params"}`` for one method (as before compositions,
+    so no existing hash moved); ``{"name", "parts"}`` for several, where the parts after the first
+    leave out ``ce_weight``: the cross-entropy is counted once, with the first part's weight."""
+    if len(parts) == 1:
+        return {"name": value, "params": dict(params[value])}
+    return {"name": value, "parts": [
+        {"name": part.name, "params": {key: item for key, item in params[part.name].items() if index == 0 or key != "ce_weight"}}
+        for index, part in enumerate(parts)
+    ]}
 
 
 def _hashed_training(section: Mapping[str, Any]) -> dict[str, Any]:

@@ -28,13 +28,15 @@ import io
 import json
 import math
 import statistics
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 from matplotlib.figure import Figure
 
 from pipeline import store
+from pipeline.catalogue import method_names
 from pipeline.graph import Experiment, Plan
 from pipeline.plots import new_figure, png_bytes
 
@@ -310,7 +312,7 @@ def method_label(experiment: Experiment) -> str:
     extra = [
         f"{key}={value}" for key, value in experiment.axis_values.items()
         if key not in STANDARD_AXES and not key.startswith(TEACHER_SIDE_AXES)
-        and (not key.startswith("methods.") or key.split(".")[1] == experiment.method)
+        and (not key.startswith("methods.") or key.split(".")[1] in method_names(experiment.method))
     ]
     return " ".join([experiment.method, *extra])
 

@@ -12,13 +12,14 @@ import itertools
 import os
 import re
 import sys
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import yaml
 
-from pipeline.catalogue import Catalogue
+from pipeline.catalogue import COMPOSITION_SEPARATOR, Catalogue, method_names
 from pipeline.fields import Field, FieldError, check_tap, unknown_key
 from pipeline.hashing import canonical_json
 from pipeline.sweep_schema import (
@@ -55,7 +56,8 @@ class Sweep:
     ``axes`` keeps the file's order (``seed`` is added last when absent); each value is a tuple of
     checked values. ``defaults`` holds the sections data, teacher, student, evaluate (complete) and
     ``methods``: method -> params with the catalogue's defaults under the sweep's values (a required
-    param set only by an axis is absent here). ``resources`` maps each stage kind to its merged
+    param set only by an axis is absent here); ``compositions``: a composed method value (``crd+kd``)
+    -> part -> the values the sweep gives that part in that composition only. ``resources`` maps each stage kind to its merged
     request. ``data_root`` is absolute, or None when neither the sweep nor KDBENCH_DATA sets it.
     """
 
@@ -221,7 +223,23 @@ class _SweepChecker:
         return self._catalogue_name(where, value, self.catalogue.datasets, "dataset")
 
     def _method_name(self, where: str, value: Any) -> str:
-        return self._catalogue_name(where, value, self.catalogue.methods, "method")
+        """One method, or several joined by '+' (``crd+kd``): each known, none twice, at most one with a pre-stage."""
+        if not isinstance(value, str):
+            return self._catalogue_name(where, value, self.catalogue.methods, "method")
+        names = method_names(value)
+        for name in names:
+            self._catalogue_name(where, name, self.catalogue.methods, "method")
+        for index, name in enumerate(names):
+            if name in names[:index]:
+                raise self._error(where, f"{value!r} names method {name} twice; each part of a composition is a different method")
+        # A pre-stage needed only for some param values (``when``) is checked per experiment by the plan.
+        with_pre_stage = [name for name in names
+                          if self.catalogue.methods[name].pre_stage is not None and not self.catalogue.methods[name].pre_stage.when]
+        if len(with_pre_stage) > 1:
+            kinds = ", ".join(f"{name} ({self.catalogue.methods[name].pre_stage.kind})" for name in with_pre_stage)
+            raise self._error(where, f"{value!r} combines methods that each need a pre-stage: {kinds}; "
+                                     "a student has one pre-stage, so combine at most one of them")
+        return value
 
     def _pair(self, where: str, value: Any) -> str:
         if not isinstance(value, str) or value.count(":") != 1:
@@ -245,12 +263,32 @@ class _SweepChecker:
             for section, fields in SECTIONS.items()
         }
         methods = self._mapping("defaults.methods", raw.get("methods"))
-        self._known_keys("defaults.methods", methods, sorted(self.catalogue.methods), "method")
+        compositions = {key: item for key, item in methods.items() if COMPOSITION_SEPARATOR in str(key)}
+        singles = {key: item for key, item in methods.items() if key not in compositions}
+        self._known_keys("defaults.methods", singles, sorted(self.catalogue.methods), "method")
         defaults["methods"] = {
-            name: self._settings(f"defaults.methods.{name}", methods.get(name), method.params, f"{name} param")
+            name: self._settings(f"defaults.methods.{name}", singles.get(name), method.params, f"{name} param")
             for name, method in self.catalogue.methods.items()
         }
+        defaults["compositions"] = {
+            value: self._composition_settings(f"defaults.methods.{value}", value, parts)
+            for value, parts in compositions.items()
+        }
         return defaults
+
+    def _composition_settings(self, where: str, value: str, given: Any) -> dict[str, dict[str, Any]]:
+        """A composition's own values for its parts (``crd+kd: {kd: {kd_weight: 1.0}}``), over the parts'
+        ``defaults.methods``: only the keys given, each checked against its part's declaration."""
+        names = method_names(self._method_name(where, value))
+        parts = self._mapping(where, given)
+        self._known_keys(where, parts, names, f"part of {value}")
+        overrides = {}
+        for name, settings in parts.items():
+            fields = self.catalogue.methods[name].params
+            settings = self._mapping(f"{where}.{name}", settings)
+            self._known_keys(f"{where}.{name}", settings, fields, f"{name} param")
+            overrides[name] = {key: self._value(f"{where}.{name}.{key}", fields[key], item) for key, item in settings.items()}
+        return overrides
 
     def _settings(self, where: str, value: Any, fields: Mapping[str, Field], what: str = "key") -> dict[str, Any]:
         """The checked values given under ``where``, over the fields' defaults (required ones stay unset)."""
@@ -262,7 +300,7 @@ class _SweepChecker:
     def _check_used_methods(self, axes: Mapping[str, tuple], defaults: Mapping[str, Mapping[str, Any]]) -> None:
         """Required params are set, and tap params name taps of every pair's models, for each method run."""
         pairs = [pair.split(":") for pair in axes["pair"]]
-        for name in axes["method"]:
+        for name in dict.fromkeys(part for value in axes["method"] for part in method_names(value)):
             for key, field in self.catalogue.methods[name].params.items():
                 axis = f"methods.{name}.{key}"
                 if axis in axes:
@@ -273,6 +311,10 @@ class _SweepChecker:
                     raise self._error(f"defaults.{axis}", f"required by method {name} and not set; set it here or as axis {axis}")
                 if field.tap is None:
                     continue
+                values += [
+                    (f"defaults.methods.{value}.{name}.{key}", overrides[name][key])
+                    for value, overrides in defaults["compositions"].items() if key in overrides.get(name, {})
+                ]
                 for where, item in values:
                     for teacher, student in pairs:
                         arch = teacher if field.tap == "teacher" else student
@@ -334,7 +376,8 @@ class _SweepChecker:
         if value is None:
             return
         try:
-            check_tap(field, value, self.catalogue.architectures[arch].taps, arch)
+            architecture = self.catalogue.architectures[arch]
+            check_tap(field, value, architecture.taps, architecture.layers, arch)
         except FieldError as error:
             raise self._error(where, error.problem, error.allowed) from None
 

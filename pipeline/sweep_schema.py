@@ -12,7 +12,7 @@ from typing import Mapping
 
 from pipeline.fields import Field
 
-STAGE_KINDS = ("train_teacher", "pretrain_paraphraser", "train_student", "evaluate")
+STAGE_KINDS = ("train_teacher", "pretrain_paraphraser", "fit_pca", "train_student", "evaluate")
 TOP_LEVEL_KEYS = ("name", "data_root", "axes", "defaults", "resources")
 NAMED_AXES = ("dataset", "pair", "method", "seed")
 REQUIRED_AXES = ("dataset", "pair", "method")
@@ -53,7 +53,15 @@ _TRAINING = {
 }
 
 SECTIONS: Mapping[str, Mapping[str, Field]] = MappingProxyType({
-    "data": {"val_fraction": Field("float", 0.1, min=0.0, max=0.9), "split_seed": Field("int", 0, min=0)},
+    "data": {
+        "val_fraction": Field("float", 0.1, min=0.0, max=0.9),
+        "split_seed": Field("int", 0, min=0),
+        "subset_size": Field(
+            "int", None, min=1,
+            help="the student trains on this many images of the training split, stratified and seeded by "
+                 "split_seed (the teacher on all of it); null: all of it",
+        ),
+    },
     # The student's label smoothing belongs to its method (vanilla's label_smoothing param), so
     # that KD's cross-entropy term keeps its published, unsmoothed form.
     "teacher": {**_TRAINING, "seed": SEED},

@@ -1,29 +1,36 @@
 """Reading a stage's inputs: its data set, and the trained models its upstream stages left behind.
 
 final.pt / best.pt of a training stage hold ``{"arch", "num_classes", "in_channels", "model",
-"method"}`` so that any later stage can rebuild the network without the sweep that made it.
+"method", "method_record"}`` so that any later stage can rebuild the network without the sweep that made it.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from data.registry import DatasetSplits, load_dataset
+from distill.base import MethodContext
+from distill.composition import build_method, changes_deployment
 from models.registry import build_model
 from pipeline.plan import StageSpec
 from stages.files import load_torch
 
 
 def load_stage_data(spec: StageSpec) -> DatasetSplits:
-    """The stage's data set, refused unless its files are the ones the stage's hash was made from."""
+    """The stage's data set, refused unless its files are the ones the stage's hash was made from.
+
+    ``subset_size`` is in the settings only of stages that train on a few-data subset (the plan
+    leaves it out when null, so that no other stage's hash moves).
+    """
     dataset = spec.settings["dataset"]
     return load_dataset(
         dataset["name"], spec.runtime.get("data_root"), float(dataset["val_fraction"]), int(dataset["split_seed"]),
-        dataset.get("fingerprint"),
+        dataset.get("fingerprint"), subset_size=dataset.get("subset_size"),
     )
 
 
@@ -31,13 +38,30 @@ def new_classifier(arch: str, data: DatasetSplits) -> nn.Module:
     return build_model(arch, num_classes=data.num_classes, in_channels=data.image_shape[0])
 
 
-def model_state(arch: str, data: DatasetSplits, model: nn.Module, method: nn.Module | None = None) -> dict[str, Any]:
+def model_state(
+    arch: str, data: DatasetSplits, model: nn.Module, method: nn.Module | None = None,
+    method_record: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What final.pt / best.pt hold. ``method_record`` (the method's settings and the context it was
+    built in) lets a later stage rebuild a student that predicts through its method's modules."""
     return {
         "arch": arch,
         "num_classes": data.num_classes,
         "in_channels": data.image_shape[0],
         "model": model.state_dict(),
         "method": None if method is None else method.state_dict(),
+        "method_record": None if method_record is None else dict(method_record),
+    }
+
+
+def method_context_record(context: MethodContext) -> dict[str, Any]:
+    """The parts of a MethodContext a deployed model is rebuilt from (no pre-stage folder: a method
+    whose deployment changes the network reads none)."""
+    return {
+        "num_classes": context.num_classes,
+        "teacher_tap_shapes": dict(context.teacher_tap_shapes),
+        "student_tap_shapes": dict(context.student_tap_shapes),
+        "train_size": context.train_size,
     }
 
 
@@ -48,9 +72,15 @@ class TrainedModel:
 
 
 def load_classifier(weights_file: Path, device: torch.device) -> TrainedModel:
-    """A trained model from a final.pt / best.pt, in eval mode with gradients off."""
+    """A trained model from a final.pt / best.pt, in eval mode with gradients off: the network as it
+    predicts, with its method's modules on top where the method deploys them (simkd)."""
     saved: Mapping[str, Any] = load_torch(weights_file)
     model = build_model(saved["arch"], num_classes=saved["num_classes"], in_channels=saved["in_channels"])
     model.load_state_dict(saved["model"])
+    record = saved.get("method_record")
+    if record is not None and changes_deployment(record["settings"]):
+        method = build_method(record["settings"], MethodContext(**record["context"]))
+        method.load_state_dict(saved["method"])
+        model = method.deployed(model)
     model.requires_grad_(False)
     return TrainedModel(saved["arch"], model.to(device).eval())

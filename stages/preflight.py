@@ -6,14 +6,14 @@ so such a mistake is refused in one line instead of failing hours later, after t
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
+from distill.base import MethodConfigError, MethodContext
+from distill.composition import check_method
+from models.registry import tap_shapes
 from pipeline.catalogue import Catalogue
 from pipeline.plan import Plan
 from pipeline.sweep import SweepError
-
-from distill.base import MethodConfigError, MethodContext, method_class
-from models.registry import tap_shapes
 
 
 def check_methods(plan: Plan, catalogue: Catalogue, names: Iterable[str] | None = None) -> None:
@@ -46,10 +46,10 @@ def check_methods(plan: Plan, catalogue: Catalogue, names: Iterable[str] | None 
             student_tap_shapes=tap_shapes(spec.settings["arch"], image_shape, num_classes),
         )
         try:
-            method_class(method["name"]).check(method["params"], context)
+            check_method(method, context)
         except MethodConfigError as error:
             pair = f"{teacher_arch}:{spec.settings['arch']}" if teacher_arch else spec.settings["arch"]
             raise SweepError(
-                plan.sweep_path, f"methods.{method['name']}.{error.key}",
+                plan.sweep_path, f"methods.{error.key}",
                 f"{error} (pair {pair}, dataset {spec.settings['dataset']['name']})",
             ) from None

@@ -9,31 +9,55 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from distill.base import Batch, Method, MethodConfigError, MethodContext, ModelOutput, method_class
+from distill.base import Batch, Method, MethodConfigError, MethodContext, ModelOutput
+from distill.composition import build_method
 from models.registry import tap_shapes
-from models.taps import FeatureTaps
+from models.taps import FeatureTaps, tap_module_name
 from stages.context import StageRun
 from stages.files import StageError
-from stages.loading import load_classifier, load_stage_data, model_state, new_classifier
+from stages.loading import (
+    load_classifier,
+    load_stage_data,
+    method_context_record,
+    model_state,
+    new_classifier,
+)
 from stages.training import ComputeTerms, EpochLoop, TrainingSettings, training_outputs
 
 
-def distillation_terms(student: nn.Module, teacher: nn.Module | None, method: Method) -> ComputeTerms:
-    """One batch's loss terms: the frozen teacher (no grad) and the student, each with the method's taps."""
+def distillation_terms(student: nn.Module, teacher: nn.Module | None, method: Method, seed: int = 0) -> ComputeTerms:
+    """One batch's loss terms: the method's batch (mixed, for mixup) through the frozen teacher (no
+    grad) and the student, each with the method's taps. The step's random generator is seeded by
+    (seed, epoch, step in epoch): a resumed epoch restarts at its first step and draws the same."""
     student_taps = FeatureTaps(student, method.student_taps)
     teacher_taps = FeatureTaps(teacher, method.teacher_taps) if teacher is not None else None
+    if method.detached_student_tap is not None:
+        detach_output_of(student, method.detached_student_tap)
+    position = {"epoch": -1, "step": 0}
 
     def compute_terms(
         images: torch.Tensor, labels: torch.Tensor, epoch: int, indices: torch.Tensor
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        position["step"] = position["step"] + 1 if position["epoch"] == epoch else 0
+        position["epoch"] = epoch
+        generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + position["step"])
+        batch = method.prepare_batch(Batch(images, labels, epoch, indices, generator))
         teacher_output = None
         if teacher_taps is not None:
             with torch.no_grad():
-                teacher_output = ModelOutput(*teacher_taps(images))
-        logits, features = student_taps(images)
-        return method.loss(ModelOutput(logits, features), teacher_output, Batch(images, labels, epoch, indices)), logits
+                teacher_output = ModelOutput(*teacher_taps(batch.images))
+        student_output = ModelOutput(*student_taps(batch.images))
+        return method.loss(student_output, teacher_output, batch), method.student_logits(student_output)
 
     return compute_terms
+
+
+def detach_output_of(model: nn.Module, tap: str | int) -> None:
+    """Make the module of ``tap`` (a name or a generalised layer index) hand the rest of ``model`` a
+    detached output. Its forward hook runs after the FeatureTaps hooks registered before it, so the
+    method still reads the attached tensor."""
+    module = model.get_submodule(tap_module_name(model, tap))
+    module.register_forward_hook(lambda module, inputs, output: output.detach())
 
 
 def run(stage: StageRun) -> None:
@@ -41,8 +65,7 @@ def run(stage: StageRun) -> None:
     training = spec.settings["training"]
     settings = TrainingSettings.from_settings(training, seed=training["seed"])
     data = load_stage_data(spec)
-    arch, method_name = spec.settings["arch"], spec.settings["method"]["name"]
-    params = spec.settings["method"]["params"]
+    arch = spec.settings["arch"]
 
     torch.manual_seed(settings.seed)
     student = new_classifier(arch, data).to(device)
@@ -55,21 +78,22 @@ def run(stage: StageRun) -> None:
         student_tap_shapes=tap_shapes(arch, image_shape, data.num_classes),
         pre_stage_dir=str(upstream["paraphraser"].weights) if "paraphraser" in upstream else None,
         train_size=len(data.train_labels),
+        teacher=teacher,
     )
-    method_type = method_class(method_name)
     try:
-        method_type.check(params, context)
+        method = build_method(spec.settings["method"], context).to(device)
     except MethodConfigError as error:
-        raise StageError(f"{spec.name}: methods.{method_name}.{error.key}: {error}") from None
-    method = method_type(params, context).to(device)
+        raise StageError(f"{spec.name}: methods.{error.key}: {error}") from None
+    deployed = method.deployed(student)
+    method_record = {"settings": spec.settings["method"], "context": method_context_record(context)}
     log = EpochLoop(
         stage=stage,
         record=stage.record(settings.seed),
         modules=nn.ModuleDict({"model": student, "method": method}),
-        compute_terms=distillation_terms(student, teacher, method),
+        compute_terms=distillation_terms(student, teacher, method, settings.seed),
         data=data,
         settings=settings,
-        classifier=student,
-        saved_state=lambda: model_state(arch, data, student, method),
+        classifier=deployed,
+        saved_state=lambda: model_state(arch, data, student, method, method_record),
     ).run()
     stage.finish(log, training_outputs(stage.folders), plots=True)

@@ -172,7 +172,7 @@ def test_minimal_sweep_gets_every_default(tmp_path: Path, catalogue: Catalogue) 
     sweep = load_sweep(write_sweep(tmp_path, BASE_SWEEP), catalogue)
     assert sweep.axes["seed"] == (0,)
     assert sweep.defaults["teacher"]["seed"] == 0 and "seed" not in sweep.defaults["student"]
-    assert sweep.defaults["data"] == {"val_fraction": 0.1, "split_seed": 0}
+    assert sweep.defaults["data"] == {"val_fraction": 0.1, "split_seed": 0, "subset_size": None}
     assert sweep.defaults["methods"]["kd"] == {"temperature": 4.0, "kd_weight": 0.9}
     assert sweep.defaults["methods"]["ft"]["paraphraser_epochs"] == 2
     assert sweep.resources["train_student"] == {"time_min": 60, "cpus": 2, "gpus": 0, "mem_gb": 4.0}
@@ -305,15 +305,15 @@ BAD_SWEEPS = [
     pytest.param(_without_ft_epochs, "defaults.methods.ft.paraphraser_epochs",
                  ["required by method ft", "set it here or as axis methods.ft.paraphraser_epochs"], id="ft-without-epochs"),
     pytest.param(_set("defaults", "methods", "ft", "teacher_tap", value="layer9"), "defaults.methods.ft.teacher_tap",
-                 ["'layer9' is not a tap of teacher resnet32x4", "allowed: stem, layer1, layer2, layer3, pool"], id="bad-tap"),
-    pytest.param(_set("axes", "methods.ft.student_tap", value=["layer3", "fc"]), "axes.methods.ft.student_tap[1]",
-                 ["'fc' is not a tap of student resnet8x4"], id="bad-tap-axis"),
+                 ["'layer9' is not a tap of teacher resnet32x4", "allowed: 0..17, stem, layer1, layer2, layer3, pool"], id="bad-tap"),
+    pytest.param(_set("axes", "methods.ft.student_tap", value=["layer3", "layer9"]), "axes.methods.ft.student_tap[1]",
+                 ["'layer9' is not a tap of student resnet8x4"], id="bad-tap-axis"),
     pytest.param(_both(_set("axes", "pair", value=["resnet32x4:resnet8x4", "resnet20:resnet8x4"]),
-                       _set("defaults", "methods", "ft", "teacher_tap", value="pool")),
-                 "defaults.methods.ft.teacher_tap", ["'pool' is not a tap of teacher resnet20", "allowed: stem, layer1,"],
+                       _set("defaults", "methods", "ft", "teacher_tap", value=15)),
+                 "defaults.methods.ft.teacher_tap", ["15 is out of range for teacher resnet20's 12 generalised layers", "allowed: 0..11, stem, layer1,"],
                  id="tap-of-one-pair-only"),
-    pytest.param(_set("defaults", "methods", "tucker", "teacher_taps", value=["layer2", "pool", "fc"]),
-                 "defaults.methods.tucker.teacher_taps", ["'fc' is not a tap of teacher resnet32x4"], id="bad-tap-in-list"),
+    pytest.param(_set("defaults", "methods", "tucker", "teacher_taps", value=["layer2", "pool", "layer7"]),
+                 "defaults.methods.tucker.teacher_taps", ["'layer7' is not a tap of teacher resnet32x4"], id="bad-tap-in-list"),
     pytest.param(_set("resources", "train_teacher", "gpu", value=1), "resources.train_teacher.gpu",
                  ["did you mean 'gpus'", "allowed: time_min, cpus, gpus, mem_gb, partition"], id="bad-resources-key"),
     pytest.param(_set("resources", "train_techer", value={"gpus": 1}), "resources.train_techer",
