@@ -5,7 +5,7 @@ taps, the student's forward with its taps, the method's loss terms, backward and
 method that reads the teacher cannot avoid two of those costs, a teacher forward and a student
 train step, so the number to watch is method-step / (student step + teacher forward): anything
 above 1 is the method's own cost (hooks, extra modules, loss terms, the loop's per-term syncs).
-Every method of the catalogue is timed; the goals are 1.05 for logit methods (no taps), 1.30 for
+Every method of the catalogue is timed, and the compositions the papers report; the goals are 1.05 for logit methods (no taps), 1.30 for
 feature methods and 1.40 for CRD, on CPU.
 Repeats are interleaved across cases so a load spike on a shared machine hits all of them alike.
 Run: .venv/bin/python bench/step.py [--device cuda --amp]
@@ -25,6 +25,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from distill.base import MethodContext, method_class  # noqa: E402
+from distill.composition import build_method, method_parts  # noqa: E402
 from models.registry import build_model, tap_shapes  # noqa: E402
 from pipeline.catalogue import load_catalogue  # noqa: E402
 from stages.context import select_device  # noqa: E402
@@ -32,16 +33,19 @@ from stages.train_student import distillation_terms  # noqa: E402
 
 TEACHER, STUDENT, NUM_CLASSES, IMAGE_SHAPE = "resnet32x4", "resnet8x4", 100, (3, 32, 32)
 CIFAR100_TRAIN_SIZE = 50_000
-METHODS = ("vanilla", *sorted(name for name in load_catalogue().methods if name != "vanilla"))
+COMPOSITIONS = ("crd+kd", "at+kd", "kd+supcon")
+METHODS = ("vanilla", *sorted(name for name in load_catalogue().methods if name != "vanilla"), *COMPOSITIONS)
 REQUIRED = {"ft": {"paraphraser_epochs": 1}}  # params with no default; FT's only matters to its pre-stage
 GOALS = {"logit": 1.05, "feature": 1.30, "crd": 1.40}
 
 
 def goal(name: str, context: MethodContext) -> float:
-    """The overhead goal of ``name``: CRD's own, else by whether the method reads feature taps."""
-    if name in GOALS:
-        return GOALS[name]
-    method = method_class(name)(method_params(name), context)
+    """The overhead goal of ``name``: CRD's own (for a composition, its most lenient part's), else by
+    whether the method reads feature taps."""
+    parts = [part["name"] for part in method_parts(method_settings(name))]
+    if any(part in GOALS for part in parts):
+        return max(GOALS.get(part, 0.0) for part in parts)
+    method = build_method(method_settings(name), context)
     return GOALS["feature"] if method.teacher_taps or method.student_taps else GOALS["logit"]
 
 
@@ -50,13 +54,28 @@ def method_params(name: str) -> dict:
     return {key: spec["default"] for key, spec in declared.items() if "default" in spec} | REQUIRED.get(name, {})
 
 
+def method_settings(value: str) -> dict:
+    """The settings the plan gives a student of ``value`` with every default: one method or a composition."""
+    names = value.split("+")
+    if len(names) == 1:
+        return {"name": value, "params": method_params(value)}
+    return {"name": value, "parts": [
+        {"name": name, "params": {k: v for k, v in method_params(name).items() if index == 0 or k != "ce_weight"}}
+        for index, name in enumerate(names)
+    ]}
+
+
+def uses_teacher(value: str) -> bool:
+    return any(method_class(part["name"]).METHOD["uses_teacher"] for part in method_parts(method_settings(value)))
+
+
 def train_step(name: str, teacher: nn.Module, context: MethodContext, images: torch.Tensor, labels: torch.Tensor,
                indices: torch.Tensor, device: torch.device, amp: bool) -> Callable[[], None]:
     """One step of ``name`` as train_student's terms and EpochLoop's step run it, on a fresh student."""
     torch.manual_seed(0)
     student = build_model(STUDENT, NUM_CLASSES, IMAGE_SHAPE[0]).to(device).train()
-    method = method_class(name)(method_params(name), context).to(device).train()
-    compute_terms = distillation_terms(student, teacher if method.METHOD["uses_teacher"] else None, method)
+    method = build_method(method_settings(name), context).to(device).train()
+    compute_terms = distillation_terms(student, teacher if uses_teacher(name) else None, method)
     parameters = [p for p in [*student.parameters(), *method.parameters()] if p.requires_grad]
     optimizer = torch.optim.SGD(parameters, lr=0.05, momentum=0.9, weight_decay=5e-4)
     logged: dict[str, float] = {}
@@ -122,6 +141,8 @@ def main() -> None:
         student_tap_shapes=tap_shapes(STUDENT, IMAGE_SHAPE, NUM_CLASSES),
         pre_stage_dir=None,  # FT then keeps a random frozen paraphraser: same cost as a trained one
         train_size=CIFAR100_TRAIN_SIZE,  # CRD's memory banks and 16,384 negatives at the size they train at
+        teacher=teacher,  # simkd reuses its classifier
+        train_labels=torch.arange(CIFAR100_TRAIN_SIZE) % NUM_CLASSES,  # CRD draws negatives from other classes
     )
     cases = {"teacher forward": teacher_forward(teacher, images, device, amp)}
     cases |= {name: train_step(name, teacher, context, images, labels, indices, device, amp) for name in METHODS}
@@ -145,7 +166,7 @@ def main() -> None:
         label = "student step (vanilla)" if name == "vanilla" else name if name == "teacher forward" else f"{name} step"
         spread = (max(timings[name]) - min(timings[name])) / median[name]
         line = f"  {label:24s} {median[name] * 1e3:9.1f}  {args.batch_size / median[name]:9.1f}"
-        if name in METHODS[1:] and method_class(name).METHOD["uses_teacher"]:
+        if name in METHODS[1:] and uses_teacher(name):
             ratio, target = median[name] / floor, goal(name, context)
             line += f"  {ratio:22.3f}  {target:.2f} {'met' if ratio <= target else 'NOT met':7s}"
         else:

@@ -56,6 +56,8 @@ class MethodContext:
     not known yet, as in the planner's preflight, which loads no data.
     ``teacher`` is the trained teacher, for a method that reuses its modules (simkd's classifier);
     None in the preflight and when a saved student is rebuilt, whose saved state restores them.
+    ``train_labels`` (train_size,) are the training split's labels, indexed like ``Batch.indices``,
+    for a method that draws samples by class (CRD's negatives); None where no data is loaded.
     """
 
     num_classes: int
@@ -64,6 +66,7 @@ class MethodContext:
     pre_stage_dir: str | None = None
     train_size: int = 0
     teacher: nn.Module | None = None
+    train_labels: torch.Tensor | None = None
 
 
 class MethodConfigError(ValueError):

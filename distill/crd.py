@@ -20,13 +20,13 @@ Defaults are RepDistiller's CIFAR-100 ones: nce_k 16384, nce_t 0.07, nce_m 0.5, 
 -b 0.8 on the term, -r 1 on cross-entropy (-a 0: no KD). Both embeddings are trained with the
 student (the code puts embed_t in the trainable list); the teacher's features carry no gradient.
 
-One departure: the released training (``--mode exact``) draws each sample's negatives without
-replacement from the training samples of *other classes* (CIFAR100InstanceSample.cls_negative).
-A method here knows the training set's size but not its labels, so the negatives are drawn
-uniformly without replacement from all training samples but the positive itself. With 100
-classes that keeps about 1% same-class negatives; with 10 classes about 10%. The negatives come
-from torch's global generator (seeded by the stage), so a resumed run draws other negatives than
-an uninterrupted one would; the batch order itself stays a function of (seed, epoch).
+Negatives: the released training (``--mode exact``, CIFAR100InstanceSample.cls_negative) draws
+each sample's ``nce_k`` negatives without replacement from the training samples of *other
+classes*; ``negatives: other_classes`` (the default) does the same from the training labels the
+stage hands the method. ``negatives: any_other_sample`` draws from every training sample but the
+positive itself, for a run whose labels are not to be used. Every draw comes from the step's
+seeded generator (``Batch.generator``), so a resumed epoch draws the negatives an uninterrupted
+one would have.
 """
 from __future__ import annotations
 
@@ -50,6 +50,8 @@ METHOD = {
         "nce_k": {"default": 16384, "min": 1, "help": "negatives per sample, drawn from the memory bank; the training set needs nce_k + 1 samples (--nce_k)"},
         "nce_t": {"default": 0.07, "min": 0.001, "help": "temperature of the exp(row . embedding / nce_t) scores (--nce_t)"},
         "nce_m": {"default": 0.5, "min": 0.0, "max": 1.0, "help": "momentum of the bank update row <- nce_m row + (1 - nce_m) embedding (--nce_m)"},
+        "negatives": {"default": "other_classes", "choices": ["other_classes", "any_other_sample"],
+                      "help": "where the nce_k negatives of a sample come from: training samples of other classes (RepDistiller's --mode exact), or any other training sample"},
         "weight": {"default": 0.8, "min": 0.0, "help": "weight of the sum of the student-side and teacher-side NCE losses (RepDistiller's -b)"},
         "ce_weight": {"default": 1.0, "min": 0.0, "help": "weight of the cross-entropy on labels (-r)"},
     },
@@ -64,12 +66,33 @@ def normalise(rows: torch.Tensor) -> torch.Tensor:
     return rows / rows.pow(2).sum(dim=1, keepdim=True).sqrt()
 
 
-def draw_contrast_indices(indices: torch.Tensor, train_size: int, nce_k: int) -> torch.Tensor:
-    """(N, 1 + nce_k) bank rows per sample: its own index first, then nce_k distinct other indices."""
+def negative_candidates(indices: torch.Tensor, train_labels: torch.Tensor | None, train_size: int) -> torch.Tensor:
+    """(N, train_size) weights, 1 where a training sample may be a negative of the batch's sample:
+    every sample of another class when ``train_labels`` is given, else every sample but itself."""
+    if train_labels is not None:
+        return (train_labels[None, :] != train_labels[indices][:, None]).float()
     weights = torch.ones(len(indices), train_size, device=indices.device)
     weights[torch.arange(len(indices), device=indices.device), indices] = 0.0
-    negatives = torch.multinomial(weights, nce_k, replacement=False)
+    return weights
+
+
+def draw_contrast_indices(
+    indices: torch.Tensor, candidates: torch.Tensor, nce_k: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """(N, 1 + nce_k) bank rows per sample: its own index first, then nce_k distinct negatives drawn
+    uniformly from its ``candidates`` row."""
+    negatives = torch.multinomial(candidates, nce_k, replacement=False, generator=generator)
     return torch.cat([indices[:, None], negatives], dim=1)
+
+
+def generator_on(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
+    """A generator for ``device`` seeded from the step's CPU generator (torch samples on a device
+    only with that device's generator); None draws from torch's global one."""
+    if generator is None or device.type == "cpu":
+        return generator
+    seeded = torch.Generator(device=device)
+    seeded.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator).item()))
+    return seeded
 
 
 def contrast_scores(embeddings: torch.Tensor, bank: torch.Tensor, rows: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -108,6 +131,9 @@ class CRD(TapPairMethod):
         self.register_buffer("student_bank", torch.rand(context.train_size, feat_dim) * (2 * bound) - bound)
         self.register_buffer("teacher_bank", torch.rand(context.train_size, feat_dim) * (2 * bound) - bound)
         self.register_buffer("normalizers", torch.full((2,), -1.0))  # Z of the student side, the teacher side; < 0: unset
+        by_class = self.params["negatives"] == "other_classes"
+        labels = torch.as_tensor(context.train_labels) if by_class else torch.zeros(0, dtype=torch.long)
+        self.register_buffer("train_labels", labels, persistent=False)  # from the data, not the checkpoint
 
     @classmethod
     def check(cls, params: Mapping[str, Any], context: MethodContext) -> None:
@@ -120,6 +146,18 @@ class CRD(TapPairMethod):
                 "nce_k", f"nce_k {nce_k} needs at least {nce_k + 1} training samples (each one's own and nce_k others); "
                          f"the training set has {context.train_size}",
             )
+        if params["negatives"] != "other_classes" or context.train_size <= 0:
+            return
+        if context.train_labels is None:
+            raise MethodConfigError("negatives", "other_classes draws negatives by label, but the training labels are not known; "
+                                                 "use negatives: any_other_sample")
+        counts = torch.bincount(torch.as_tensor(context.train_labels), minlength=context.num_classes)
+        fewest = context.train_size - int(counts.max())
+        if fewest < nce_k:
+            raise MethodConfigError(
+                "nce_k", f"nce_k {nce_k} negatives from other classes, but the largest class leaves only {fewest} "
+                         "training samples of other classes; lower nce_k or use negatives: any_other_sample",
+            )
 
     def loss(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch) -> dict[str, torch.Tensor]:
         assert teacher is not None, "uses_teacher is True, so the training loop passes the teacher's output"
@@ -130,7 +168,10 @@ class CRD(TapPairMethod):
         with torch.autocast(student_features.device.type, enabled=False):
             student_embedding = normalise(self.student_embed(student_features.float()))
             teacher_embedding = normalise(self.teacher_embed(teacher_features.float()))
-            rows = draw_contrast_indices(batch.indices, self.context.train_size, self.params["nce_k"])
+            labels = self.train_labels if self.params["negatives"] == "other_classes" else None
+            candidates = negative_candidates(batch.indices, labels, self.context.train_size)
+            generator = generator_on(batch.generator, candidates.device)
+            rows = draw_contrast_indices(batch.indices, candidates, self.params["nce_k"], generator)
             temperature = self.params["nce_t"]
             student_scores = contrast_scores(student_embedding, self.teacher_bank, rows, temperature)
             teacher_scores = contrast_scores(teacher_embedding, self.student_bank, rows, temperature)

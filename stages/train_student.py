@@ -79,6 +79,7 @@ def run(stage: StageRun) -> None:
         pre_stage_dir=str(upstream["paraphraser"].weights) if "paraphraser" in upstream else None,
         train_size=len(data.train_labels),
         teacher=teacher,
+        train_labels=data.train_labels,
     )
     try:
         method = build_method(spec.settings["method"], context).to(device)

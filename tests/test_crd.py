@@ -29,9 +29,11 @@ def params(**overrides: Any) -> dict[str, Any]:
     return {key: spec["default"] for key, spec in declared.items()} | overrides
 
 
-def context(train_size: int, dim: int = 2) -> MethodContext:
+def context(train_size: int, dim: int = 2, labels: list[int] | None = None) -> MethodContext:
+    """Tap shapes for CRD; the training labels cycle through the 3 classes unless given."""
+    train_labels = torch.tensor(labels if labels is not None else [index % 3 for index in range(train_size)])
     return MethodContext(num_classes=3, teacher_tap_shapes={"pool": (dim,)}, student_tap_shapes={"pool": (dim,)},
-                         train_size=train_size)
+                         train_size=train_size, train_labels=train_labels if train_size else None)
 
 
 def dot(a: list[float], b: list[float]) -> float:
@@ -71,7 +73,7 @@ def hand_built_crd(monkeypatch: pytest.MonkeyPatch, **overrides: Any) -> distill
         nn.init.zeros_(linear.bias)
     method.student_bank.copy_(torch.tensor(STUDENT_BANK))
     method.teacher_bank.copy_(torch.tensor(TEACHER_BANK))
-    monkeypatch.setattr(distill.crd, "draw_contrast_indices", lambda indices, train_size, nce_k: torch.tensor(ROWS))
+    monkeypatch.setattr(distill.crd, "draw_contrast_indices", lambda indices, candidates, nce_k, generator: torch.tensor(ROWS))
     return method
 
 
@@ -137,13 +139,46 @@ def test_banks_start_uniform_within_one_over_sqrt_feat_dim_over_3_and_are_saved_
     assert {"method.student_bank", "method.teacher_bank", "method.normalizers"} <= set(saved)
 
 
-def test_negatives_are_distinct_and_never_the_positive_itself() -> None:
-    torch.manual_seed(0)
+def test_any_other_sample_negatives_are_distinct_and_never_the_positive_itself() -> None:
     indices = torch.tensor([0, 5, 9])
-    rows = distill.crd.draw_contrast_indices(indices, train_size=10, nce_k=9)
+    candidates = distill.crd.negative_candidates(indices, None, train_size=10)
+    rows = distill.crd.draw_contrast_indices(indices, candidates, 9, torch.Generator().manual_seed(0))
     assert rows[:, 0].tolist() == indices.tolist()
     for index, row in zip(indices.tolist(), rows[:, 1:].tolist()):
         assert sorted(row) == [other for other in range(10) if other != index]
+
+
+def test_other_class_negatives_are_every_sample_of_the_other_classes_as_repdistillers_exact_mode() -> None:
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 1])
+    indices = torch.tensor([0, 4, 8])
+    candidates = distill.crd.negative_candidates(indices, labels, train_size=10)
+    by_hand = {0: [1, 2, 4, 5, 7, 8, 9], 4: [0, 2, 3, 5, 6, 8], 8: [0, 1, 3, 4, 6, 7, 9]}
+    for index, nce_k in ((0, 7), (4, 6), (8, 7)):
+        row = candidates[indices.tolist().index(index)]
+        assert torch.nonzero(row).flatten().tolist() == by_hand[index]
+    rows = distill.crd.draw_contrast_indices(indices, candidates, 6, torch.Generator().manual_seed(1))
+    for index, row in zip(indices.tolist(), rows[:, 1:].tolist()):
+        assert len(set(row)) == 6 and set(row) <= set(by_hand[index])
+
+
+def test_the_same_step_generator_draws_the_same_negatives_so_a_resumed_epoch_repeats_them() -> None:
+    indices, candidates = torch.tensor([1, 2]), torch.ones(2, 50)
+    first, again, other = (
+        distill.crd.draw_contrast_indices(indices, candidates, 10, torch.Generator().manual_seed(seed)) for seed in (5, 5, 6)
+    )
+    assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+def test_other_class_negatives_need_the_labels_and_enough_samples_outside_the_largest_class() -> None:
+    crd = method_class("crd")
+    unlabelled = MethodContext(num_classes=3, teacher_tap_shapes={"pool": (2,)}, student_tap_shapes={"pool": (2,)}, train_size=10)
+    with pytest.raises(MethodConfigError, match="training labels are not known"):
+        crd.check(params(nce_k=4), unlabelled)
+    crd.check(params(nce_k=4, negatives="any_other_sample"), unlabelled)
+    skewed = context(train_size=10, labels=[0] * 6 + [1, 1, 2, 2])
+    with pytest.raises(MethodConfigError, match="leaves only 4 training samples of other classes"):
+        crd.check(params(nce_k=5), skewed)
+    crd.check(params(nce_k=4), skewed)
 
 
 # --- (c) indices reach the Batch and match their samples -----------------------------------------------
@@ -226,7 +261,7 @@ def test_check_refuses_nce_k_without_enough_training_samples_and_skips_an_unknow
         crd.check(params(nce_k=16384), context(train_size=1300))
     assert refused.value.key == "nce_k"
     assert "16384" in str(refused.value) and "16385" in str(refused.value) and "1300" in str(refused.value)
-    crd.check(params(nce_k=1299), context(train_size=1300))
+    crd.check(params(nce_k=1299, negatives="any_other_sample"), context(train_size=1300))
     crd.check(params(nce_k=16384), context(train_size=0))  # preflight: no data loaded, nothing to compare
     with pytest.raises(MethodConfigError):
         crd(params(nce_k=4), context(train_size=4))
