@@ -1,4 +1,4 @@
-"""Shape checks shared by the methods that compare feature maps (FT, Tucker).
+"""Shape checks shared by the methods that compare feature maps (FT, Tucker, AT, VID, feature_only).
 
 The planner already knows each tap name is valid; what it cannot know without building the models
 is whether the tap is a (C, H, W) map, and pooled taps such as "pool" are (D,). The leading
@@ -50,3 +50,20 @@ def embedding_size(context: MethodContext, params: Mapping[str, Any], key: str) 
     if len(shape) != 1:
         raise MethodConfigError(key, f"the {side} tap {params[key]!r} has shape {shape}; this method needs a (D,) embedding such as 'pool'")
     return shape[0]
+
+
+def map_pairs(context: MethodContext, params: Mapping[str, Any]) -> list[tuple[tuple[int, int, int], tuple[int, int, int]]]:
+    """The (teacher, student) (C, H, W) shapes of each pair of ``teacher_taps`` / ``student_taps``,
+    refusing an empty list, lists of different lengths and taps that are not feature maps."""
+    teacher_taps, student_taps = list(params["teacher_taps"]), list(params["student_taps"])
+    if not teacher_taps:
+        raise MethodConfigError("teacher_taps", "teacher_taps is empty; name at least one feature map")
+    if len(teacher_taps) != len(student_taps):
+        raise MethodConfigError(
+            "student_taps",
+            f"student_taps has {len(student_taps)} taps and teacher_taps {len(teacher_taps)}; they pair up in order",
+        )
+    return [
+        (map_shape(context, "teacher", t_tap, "teacher_taps"), map_shape(context, "student", s_tap, "student_taps"))
+        for t_tap, s_tap in zip(teacher_taps, student_taps)
+    ]

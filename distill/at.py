@@ -19,8 +19,8 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
-from distill._feature_maps import map_shape
-from distill.base import Batch, Method, MethodConfigError, MethodContext, ModelOutput, register_method
+from distill._feature_maps import map_pairs
+from distill.base import Batch, Method, MethodContext, ModelOutput, register_method
 
 METHOD = {
     "name": "at",
@@ -61,18 +61,7 @@ class AT(Method):
     @classmethod
     def check(cls, params: Mapping[str, Any], context: MethodContext) -> None:
         """Both lists name (C, H, W) maps and pair up one to one; spatial sizes may differ (pooled)."""
-        teacher_taps, student_taps = list(params["teacher_taps"]), list(params["student_taps"])
-        if not teacher_taps:
-            raise MethodConfigError("teacher_taps", "teacher_taps is empty; name at least one feature map")
-        if len(teacher_taps) != len(student_taps):
-            raise MethodConfigError(
-                "student_taps",
-                f"student_taps has {len(student_taps)} taps and teacher_taps {len(teacher_taps)}; they pair up in order",
-            )
-        for tap in teacher_taps:
-            map_shape(context, "teacher", tap, "teacher_taps")
-        for tap in student_taps:
-            map_shape(context, "student", tap, "student_taps")
+        map_pairs(context, params)
 
     @property
     def teacher_taps(self) -> tuple[str, ...]:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill._feature_maps import feature_map_shape
+from distill._feature_maps import map_pairs
 from distill.base import Batch, Method, MethodConfigError, MethodContext, ModelOutput, register_method
 
 METHOD = {
@@ -94,16 +94,7 @@ class VID(Method):
     def check(cls, params: Mapping[str, Any], context: MethodContext) -> None:
         """The two lists pair up one to one, every tap is a (C, H, W) map, and the variance can start
         at init_pred_var (softplus only reaches values above eps)."""
-        teacher_taps, student_taps = list(params["teacher_taps"]), list(params["student_taps"])
-        if not teacher_taps:
-            raise MethodConfigError("teacher_taps", "lists no tap; VID needs at least one layer pair")
-        if len(student_taps) != len(teacher_taps):
-            raise MethodConfigError(
-                "student_taps", f"lists {len(student_taps)} taps and teacher_taps {len(teacher_taps)}; they pair up one to one"
-            )
-        for key, taps in (("teacher_taps", teacher_taps), ("student_taps", student_taps)):
-            for tap in taps:
-                feature_map_shape(context, {key: tap}, key)
+        map_pairs(context, params)
         if params["init_pred_var"] <= params["eps"]:
             raise MethodConfigError(
                 "init_pred_var", f"{params['init_pred_var']!r} must exceed eps = {params['eps']!r}, the smallest variance"

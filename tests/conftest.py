@@ -147,7 +147,7 @@ def train_student_on_digits(
         if spec.kind == "train_teacher":
             copy_stage(tiny_in_process.root, root, name)
     for name, spec in plan.stages.items():
-        if spec.kind in ("pretrain_paraphraser", "train_student"):
+        if spec.kind in ("pretrain_paraphraser", "fit_pca", "train_student"):
             run_stage(spec, root)
     student = next(spec for spec in plan.stages.values() if spec.kind == "train_student")
     return read_log(StageFolders(root, student.name).logs)

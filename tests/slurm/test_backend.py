@@ -5,8 +5,6 @@ cluster that ``tests/slurm/conftest.py`` starts, and checks the files the jobs l
 """
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 import time
