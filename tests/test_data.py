@@ -105,10 +105,11 @@ def _write_cifar10(root: Path, rng: np.random.Generator) -> dict[str, np.ndarray
     return {"train": train, "train_labels": np.array(train_labels), "test": test, "test_labels": np.array(test_labels)}
 
 
-def _write_cifar100(root: Path, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def write_cifar100(root: Path, rng: np.random.Generator, train_count: int = 100) -> dict[str, np.ndarray]:
+    """CIFAR-100 as its official python archive extracts: ``train_count`` training images, classes in turn."""
     folder = root / "cifar-100-python"
-    folder.mkdir()
-    train, train_labels = _random_images(rng, 100), list(range(100))
+    folder.mkdir(parents=True)
+    train, train_labels = _random_images(rng, train_count), [index % 100 for index in range(train_count)]
     test, test_labels = _random_images(rng, 20), [(7 * index) % 100 for index in range(20)]
     for member, images, labels in (("train", train, train_labels), ("test", test, test_labels)):
         content = _batch(images, labels, b"fine_labels", member.encode())
@@ -126,7 +127,7 @@ def cifar_roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A root with both data sets extracted, a root with only the official archives, and what was written."""
     folders, archives = tmp_path_factory.mktemp("extracted"), tmp_path_factory.mktemp("archives")
     rng = np.random.default_rng(0)
-    written = {"cifar10": _write_cifar10(folders, rng), "cifar100": _write_cifar100(folders, rng)}
+    written = {"cifar10": _write_cifar10(folders, rng), "cifar100": write_cifar100(folders, rng)}
     for folder in ("cifar-10-batches-py", "cifar-100-python"):
         archive = "cifar-10-python.tar.gz" if folder.startswith("cifar-10-") else "cifar-100-python.tar.gz"
         with tarfile.open(archives / archive, "w:gz") as tar:
@@ -396,7 +397,7 @@ def test_only_the_latin1_form_of_codecs_encode_is_allowed(
 def write_cifar100_root(root: Path, seed: int) -> Path:
     """A data root holding a small CIFAR-100 in the official format, its content drawn from ``seed``."""
     root.mkdir(parents=True, exist_ok=True)
-    _write_cifar100(root, np.random.default_rng(seed))
+    write_cifar100(root, np.random.default_rng(seed))
     return root
 
 
