@@ -13,7 +13,9 @@ As the authors' released code computes it (hunto/image_classification_sota,
 ``intra = tau^2 x (1 - mean_c pearson(y_s[:, c], y_t[:, c]))`` over each class's batch column;
 pearson is the cosine of the mean-centred vectors, ``a.b / (|a| |b| + 1e-8)``. The loss is
 ``beta x inter + gamma x intra`` plus the cross-entropy at weight 1 (KDLoss's ori_loss_weight
-default); beta 1, gamma 1, tau 4 as the issue gives them. The authors' CIFAR-100 yaml
+default); beta 1, gamma 1, tau 4 as the issue gives them. The copy of ``dist_kd.py`` in the
+reference index (commit 2bc4832) has no temperature, which is this form at tau 1; the tau form is
+that of later versions (tests/test_parity.py checks both). The authors' CIFAR-100 yaml
 (``configs/strategies/distill/dist_cifar.yaml``) was not in the reference index, so its own loss
 weights and tau are unchecked.
 """

@@ -19,8 +19,8 @@ the whole loss becomes NaN (SupContrast issues #50 and #141); the later guard in
 by 1 instead, so such anchors count as 0 and dilute the mean. This file leaves them out of the mean:
 the term is the average over anchors that have a positive, and 0 (still attached to the graph)
 when no anchor has one, since a batch of all-distinct labels is a property of the draw, not a
-setting to refuse. The log-softmax uses logsumexp over the other samples instead of the released
-max-shift and ``+ 1e-9`` inside the log: the same value, without the epsilon.
+setting to refuse. The log-softmax is the released one: each row shifted by its maximum, then
+``log(sum of the others' exp + 1e-9)``.
 
 ConKD (Contrastive KD with logit standardisation; the released notebook is
 pariyajebreili/ConKD-Lion, resnet101-18-teacher-student.ipynb) trains kd_ls + alpha x SupCon on the
@@ -67,13 +67,20 @@ def projection_head(kind: str, input_dim: int, feature_dim: int) -> nn.Module:
     return nn.Sequential(nn.Linear(input_dim, input_dim), nn.ReLU(), nn.Linear(input_dim, feature_dim))
 
 
+SUPCON_EPS = 1e-9  # SupContrast losses.py, inside the log of the softmax denominator
+
+
 def supcon_term(embeddings: torch.Tensor, labels: torch.Tensor, temperature: float, base_temperature: float) -> torch.Tensor:
     """Eq. 2 (L_out) on unit embeddings (N, K), one view each, averaged over anchors with a positive."""
     count = len(labels)
     self_mask = torch.eye(count, dtype=torch.bool, device=labels.device)
     positives = (labels[:, None] == labels[None, :]) & ~self_mask
     similarity = embeddings @ embeddings.t() / temperature
-    log_prob = similarity - torch.logsumexp(similarity.masked_fill(self_mask, float("-inf")), dim=1, keepdim=True)
+    # As SupConLoss: shift each row by its (detached) maximum, self included, then log(sum exp + 1e-9)
+    # over the others; the epsilon matters only when every other score is ~1e-9 below the row's top.
+    shifted = similarity - similarity.max(dim=1, keepdim=True).values.detach()
+    others = shifted.exp().masked_fill(self_mask, 0.0).sum(dim=1, keepdim=True)
+    log_prob = shifted - torch.log(others + SUPCON_EPS)
     positive_count = positives.sum(dim=1)
     # clamp keeps 0/0 (and its NaN gradient) out of the anchors that the selection below drops
     mean_log_prob = log_prob.masked_fill(~positives, 0.0).sum(dim=1) / positive_count.clamp(min=1)

@@ -58,7 +58,7 @@ def test_term_equals_eq_2_on_a_hand_sized_batch() -> None:
     # anchor 1: log(1 + e^0.8) = 1.17110; anchor 2 has no positive. Mean 1.10429.
     z = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]], dtype=torch.float64)
     value = supcon_term(z, torch.tensor([0, 0, 1]), temperature=1.0, base_temperature=1.0)
-    assert value.item() == pytest.approx((math.log(1 + math.exp(0.6)) + math.log(1 + math.exp(0.8))) / 2, abs=1e-12)
+    assert value.item() == pytest.approx((math.log(1 + math.exp(0.6)) + math.log(1 + math.exp(0.8))) / 2, abs=1e-8)  # the released 1e-9 inside the log
 
 
 @pytest.mark.parametrize(("temperature", "base_temperature"), [(0.07, 0.07), (0.1, 0.07), (0.5, 1.0)])
@@ -68,7 +68,9 @@ def test_term_equals_the_formula_written_as_loops_with_its_temperature_scaling(t
     labels = [2, 0, 2, 1, 0, 2]
     expected = supcon_by_loops(z.tolist(), labels, temperature, base_temperature)
     value = supcon_term(z, torch.tensor(labels), temperature, base_temperature)
-    assert value.item() == pytest.approx(expected, rel=1e-10)
+    # rel 1e-5: the released 1e-9 in the log weighs against the others' exp after the shift by the
+    # row's maximum (the anchor's own 1 / T), which at T 0.07 can be ~1e-4 (tests/test_parity.py pins it)
+    assert value.item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_anchors_without_a_positive_are_left_out_of_the_mean_not_counted_as_zero() -> None:
@@ -79,7 +81,7 @@ def test_anchors_without_a_positive_are_left_out_of_the_mean_not_counted_as_zero
     value = supcon_term(z, torch.tensor(labels), 0.07, 0.07).item()
     expected = supcon_by_loops(z.tolist(), labels, 0.07, 0.07)
     assert math.isfinite(value)
-    assert value == pytest.approx(expected, rel=1e-10)
+    assert value == pytest.approx(expected, rel=1e-5)
     assert value != pytest.approx(expected * 3 / 4, rel=1e-3)
 
 
