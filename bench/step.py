@@ -77,7 +77,9 @@ def train_step(name: str, teacher: nn.Module, context: MethodContext, images: to
     method = build_method(method_settings(name), context).to(device).train()
     compute_terms = distillation_terms(student, teacher if uses_teacher(name) else None, method)
     parameters = [p for p in [*student.parameters(), *method.parameters()] if p.requires_grad]
-    optimizer = torch.optim.SGD(parameters, lr=0.05, momentum=0.9, weight_decay=5e-4)
+    # A small lr: the step costs the same, and repeated steps on one random batch with an untrained
+    # teacher must not diverge (a NaN would stop the run)
+    optimizer = torch.optim.SGD(parameters, lr=1e-4, momentum=0.9, weight_decay=5e-4)
     logged: dict[str, float] = {}
 
     def step() -> None:

@@ -28,12 +28,14 @@ DATASETS = {
         "num_classes": 10,
         "image_shape": [3, 32, 32],
         "needs_root": True,
+        "train_images": 50000,
         "summary": "CIFAR-10: 50,000 train / 10,000 test 32x32 colour images, 10 classes (cifar-10-python.tar.gz)",
     },
     "cifar100": {
         "num_classes": 100,
         "image_shape": [3, 32, 32],
         "needs_root": True,
+        "train_images": 50000,
         "summary": "CIFAR-100: 50,000 train / 10,000 test 32x32 colour images, 100 classes (cifar-100-python.tar.gz)",
     },
 }

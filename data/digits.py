@@ -21,6 +21,7 @@ DATASETS = {
         "num_classes": 10,
         "image_shape": [1, 8, 8],
         "needs_root": False,
+        "train_images": 1438,
         "summary": "scikit-learn's 1,797 real 8x8 handwritten digits, bundled; fixed 20% stratified test split",
     },
 }

@@ -23,10 +23,12 @@ The terms logged are ``ce``, ``tckd`` and ``nckd``, each with its weight and the
 """
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import torch
 import torch.nn.functional as F
 
-from distill.base import Batch, Method, ModelOutput, register_method
+from distill.base import Batch, Method, MethodConfigError, MethodContext, ModelOutput, register_method
 
 METHOD = {
     "name": "dkd",
@@ -79,6 +81,17 @@ def tckd_nckd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels
 @register_method
 class DKD(Method):
     METHOD = METHOD
+
+    @classmethod
+    def check(cls, params: Mapping[str, Any], context: MethodContext) -> None:
+        """The target/non-target split indexes the teacher's logits by the data set's labels, so the
+        teacher must predict the data set's classes (a teacher of another data set cannot)."""
+        teacher_classes = context.teacher_tap_shapes.get("fc")
+        if teacher_classes is not None and tuple(teacher_classes) != (context.num_classes,):
+            raise MethodConfigError(
+                "teacher", f"the teacher predicts {teacher_classes[0]} classes and the data set has {context.num_classes}; "
+                           "DKD splits the teacher's logits at each sample's label, so both must have the same classes",
+            )
 
     def loss(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch) -> dict[str, torch.Tensor]:
         assert teacher is not None, "uses_teacher is True, so the training loop passes the teacher's output"

@@ -80,11 +80,19 @@ class Architecture:
 
 @dataclass(frozen=True)
 class DatasetSpec:
+    """``train_images``: the size of the official training part, before the validation hold-out."""
+
     name: str
     num_classes: int
     image_shape: tuple[int, ...]
     needs_root: bool
     summary: str
+    train_images: int
+
+    def training_split_size(self, val_fraction: float, subset_size: int | None = None) -> int:
+        """Images a student trains on: the training part less the hold-out (rounded as
+        ``data/splits.py`` rounds it), or the subset."""
+        return subset_size if subset_size is not None else self.train_images - round(val_fraction * self.train_images)
 
 
 @dataclass(frozen=True)
@@ -255,7 +263,9 @@ def _dataset(path: Path, name: str, entry: dict) -> DatasetSpec:
     _expect(isinstance(entry.get("needs_root"), bool), path, f"{where}.needs_root", "must be true or false")
     summary = entry.get("summary", "")
     _expect(isinstance(summary, str), path, f"{where}.summary", "must be a string")
-    return DatasetSpec(name, entry["num_classes"], tuple(entry["image_shape"]), entry["needs_root"], summary)
+    _expect(isinstance(entry.get("train_images"), int) and entry["train_images"] > 0, path, f"{where}.train_images",
+            "must be the number of images of the official training part")
+    return DatasetSpec(name, entry["num_classes"], tuple(entry["image_shape"]), entry["needs_root"], summary, entry["train_images"])
 
 
 def dataset_fingerprint(dataset: DatasetSpec, root: str | None) -> str:

@@ -142,6 +142,7 @@ class _SweepChecker:
         self._check_used_methods(axes, defaults)
         self._check_milestones(axes, defaults)
         self._check_optimisers(axes, defaults)
+        self._check_subsets(axes, defaults)
         resources = self._resources(top.get("resources"))
         return Sweep(name, self.file, data_root, axes, defaults, resources)
 
@@ -371,6 +372,19 @@ class _SweepChecker:
                     warned.add(where)
                     print(f"{self.file}: {where}: warning: lr {lr!r} is high for optimizer lion, "
                           "which wants a 3-10x smaller lr than adamw", file=sys.stderr)
+
+    def _check_subsets(self, axes: Mapping[str, tuple], defaults: Mapping[str, Mapping[str, Any]]) -> None:
+        """A data.subset_size fits every data set's training split at every val_fraction it is planned with."""
+        for where, subset_size in _section_values(axes, defaults, "data", "subset_size"):
+            if subset_size is None:
+                continue
+            for dataset in axes["dataset"]:
+                for fraction_at, val_fraction in _section_values(axes, defaults, "data", "val_fraction"):
+                    size = self.catalogue.datasets[dataset].training_split_size(val_fraction)
+                    if subset_size > size:
+                        problem = (f"{subset_size} is more than the {size} images of {dataset}'s training split "
+                                   f"(after the validation hold-out of {fraction_at})")
+                        raise self._error(where, problem, [f"1..{size}", "null (the whole split)"])
 
     def _tap(self, where: str, field: Field, value: Any, arch: str) -> None:
         if value is None:

@@ -40,10 +40,13 @@ def check_methods(plan: Plan, catalogue: Catalogue, names: Iterable[str] | None 
         if key in checked:
             continue
         checked.add(key)
+        data = spec.settings["dataset"]
         context = MethodContext(
             num_classes=num_classes,
             teacher_tap_shapes=tap_shapes(teacher_arch, image_shape, num_classes) if teacher_arch else {},
             student_tap_shapes=tap_shapes(spec.settings["arch"], image_shape, num_classes),
+            # from the data set's declared size: CRD's nce_k is refused here, before the teacher trains
+            train_size=dataset.training_split_size(float(data["val_fraction"]), data.get("subset_size")),
         )
         try:
             check_method(method, context)

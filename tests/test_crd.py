@@ -172,9 +172,10 @@ def test_the_same_step_generator_draws_the_same_negatives_so_a_resumed_epoch_rep
 def test_other_class_negatives_need_the_labels_and_enough_samples_outside_the_largest_class() -> None:
     crd = method_class("crd")
     unlabelled = MethodContext(num_classes=3, teacher_tap_shapes={"pool": (2,)}, student_tap_shapes={"pool": (2,)}, train_size=10)
+    crd.check(params(nce_k=4), unlabelled)  # the preflight: the size is known, the labels are not
     with pytest.raises(MethodConfigError, match="training labels are not known"):
-        crd.check(params(nce_k=4), unlabelled)
-    crd.check(params(nce_k=4, negatives="any_other_sample"), unlabelled)
+        crd(params(nce_k=4), unlabelled)
+    crd(params(nce_k=4, negatives="any_other_sample"), unlabelled)
     skewed = context(train_size=10, labels=[0] * 6 + [1, 1, 2, 2])
     with pytest.raises(MethodConfigError, match="leaves only 4 training samples of other classes"):
         crd.check(params(nce_k=5), skewed)
@@ -272,3 +273,19 @@ def test_the_stage_refuses_nce_k_beyond_the_digits_training_set(tiny_in_process,
         train_student_on_digits(tiny_in_process, tmp_path, "crd", {"nce_k": 16384}, epochs=1)
     message = str(refused.value)
     assert "methods.crd.nce_k" in message and "16385" in message
+
+
+def test_the_preflight_refuses_nce_k_beyond_the_digits_training_split_before_anything_trains(tmp_path: Path) -> None:
+    from pipeline.catalogue import load_catalogue
+    from pipeline.plan import build_plan
+    from pipeline.sweep import SweepError
+    from stages.preflight import check_methods
+    from tests.conftest import write_sweep
+
+    plan = build_plan(write_sweep(tmp_path / "crd.yaml", {"axes.method": ["crd"]}))
+    with pytest.raises(SweepError, match=r"methods\.crd\.nce_k: nce_k 16384 needs at least 16385 training samples.*has 1294"):
+        check_methods(plan, load_catalogue())
+    few = build_plan(write_sweep(tmp_path / "few.yaml", {"axes.method": ["crd"], "defaults.methods.crd": {"nce_k": 256},
+                                                         "defaults.data.subset_size": 200}))
+    with pytest.raises(SweepError, match="has 200"):
+        check_methods(few, load_catalogue())

@@ -31,6 +31,7 @@ from data.augment import RandomCropFlip
 from data.errors import DatasetCorruptError, DatasetError, DatasetNotFoundError
 from data.registry import DatasetSplits, dataset_names, load_dataset
 from data.splits import stratified_holdout
+from pipeline.catalogue import load_catalogue
 
 _REBUILD_ARRAY = np.empty(0).__reduce__()[0]
 
@@ -592,7 +593,10 @@ def test_datasets_literals_are_readable_without_importing_and_match_the_registry
     for module in (digits, cifar):
         assert _declared(module) == module.DATASETS
     for entry in declared.values():
-        assert set(entry) == {"num_classes", "image_shape", "needs_root", "summary"}
+        assert set(entry) == {"num_classes", "image_shape", "needs_root", "summary", "train_images"}
+    digits_spec = load_catalogue().datasets["digits"]
+    for val_fraction in (0.0, 0.1, 0.25):  # what the planner's preflight counts is what the stage trains on
+        assert digits_spec.training_split_size(val_fraction) == len(load_dataset("digits", None, val_fraction, 0).train_labels)
     loaded = load_dataset("digits", None, 0.1, 0)
     assert loaded.num_classes == declared["digits"]["num_classes"]
     assert list(loaded.image_shape) == declared["digits"]["image_shape"]

@@ -243,3 +243,15 @@ def test_method_trains_on_digits_and_logs_its_terms(tiny_in_process, restore_tor
         assert unramped[-1] < unramped[0]
     else:
         assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
+
+
+def test_dkd_refuses_a_teacher_of_other_classes_than_the_data_sets() -> None:
+    from distill.base import MethodConfigError
+
+    dkd = method_class("dkd")
+    declared = {key: spec["default"] for key, spec in dkd.METHOD["params"].items()}
+    other = MethodContext(num_classes=10, teacher_tap_shapes={"fc": (100,)}, student_tap_shapes={"fc": (10,)})
+    with pytest.raises(MethodConfigError) as refused:
+        dkd.check(declared, other)
+    assert refused.value.key == "teacher" and "100 classes" in str(refused.value)
+    dkd.check(declared, MethodContext(num_classes=10, teacher_tap_shapes={"fc": (10,)}, student_tap_shapes={"fc": (10,)}))

@@ -148,6 +148,12 @@ def test_only_the_student_trains_on_the_subset_and_sweeps_without_one_keep_their
     assert stage(201, "train_student").settings["dataset"]["subset_size"] == 201
 
 
+def test_a_subset_larger_than_the_training_split_is_refused_at_plan_time(tmp_path: Path) -> None:
+    with pytest.raises(SweepError, match=r"defaults\.data\.subset_size: 1295 is more than the 1294 images of digits's training split"):
+        build_plan(_sweep(tmp_path, 1295))
+    build_plan(_sweep(tmp_path, 1294))
+
+
 @pytest.mark.parametrize("value", [0, 2.5, "many"])
 def test_a_sweep_with_a_bad_subset_size_is_refused_naming_the_key(tmp_path: Path, value: object) -> None:
     with pytest.raises(SweepError, match="subset_size"):

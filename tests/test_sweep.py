@@ -81,10 +81,10 @@ FAKE_FILES = {
         ARCHITECTURES = {"resnet20": {"depth": 20, "widths": [16, 16, 32, 64], "taps": ["stem", "layer1", "layer2", "layer3"]}}
     """,
     "data/digits.py": """
-        DATASETS = {"digits": {"num_classes": 10, "image_shape": [1, 8, 8], "needs_root": False, "summary": "8x8 digits"}}
+        DATASETS = {"digits": {"num_classes": 10, "image_shape": [1, 8, 8], "needs_root": False, "summary": "8x8 digits", "train_images": 1438}}
     """,
     "data/cifar.py": """
-        DATASETS = {"cifar100": {"num_classes": 100, "image_shape": [3, 32, 32], "needs_root": True, "summary": "CIFAR-100"}}
+        DATASETS = {"cifar100": {"num_classes": 100, "image_shape": [3, 32, 32], "needs_root": True, "summary": "CIFAR-100", "train_images": 50000}}
     """,
 }
 
