@@ -118,7 +118,9 @@ def test_interrupted_stage_resumes_and_logs_every_epoch_once(
     sweep = write_sweep(
         tmp_path, "slurm-requeue",
         {"pair": ["resnet56:resnet8x0.25"], "method": ["vanilla"]},
-        {"teacher": {"epochs": 6, "lr_schedule": "cosine"}, "student": {"epochs": 1}},
+        # Enough epochs that the teacher is still training when the interrupt arrives, however fast
+        # the machine: a requeue of a finished job reruns a DONE stage, which resumes nothing.
+        {"teacher": {"epochs": 16, "lr_schedule": "cosine"}, "student": {"epochs": 1}},
     )
     root = tmp_path / "out"
     assert runner("submit", str(sweep), "--backend", "slurm", "--root", str(root)).returncode == 0
@@ -127,10 +129,12 @@ def test_interrupted_stage_resumes_and_logs_every_epoch_once(
     wait_until(lambda: folders.log.is_file() and len(read_log(folders.logs)["epochs"]) >= 2, 300, "two teacher epochs")
     entry = Manifest.load(root / "jobs" / "slurm-requeue").stages[teacher]
     subprocess.run([*interrupt, entry["job_id"]], check=True, capture_output=True)
+    interrupted_after = len(read_log(folders.logs)["epochs"])
+    assert not folders.is_done() and interrupted_after < 16, "the teacher finished before the interrupt: no resume to test"
 
     wait_until(folders.is_done, 600, "the interrupted teacher to finish")
     log = read_log(folders.logs)
-    assert [item["epoch"] for item in log["epochs"]] == [1, 2, 3, 4, 5, 6]
+    assert [item["epoch"] for item in log["epochs"]] == list(range(1, 17))
     assert log["resumed_after_epochs"] and log["resumed_after_epochs"][0] >= 2
     job_log = Path(entry["stdout"]).read_text()
     assert all(line in job_log for line in job_log_says)  # for USR2: submitit's own handler requeued it
