@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from distill._feature_maps import map_pairs
-from distill.base import Batch, Method, MethodContext, ModelOutput, register_method
+from distill.base import Batch, MethodContext, ModelOutput, TapListPairMethod, register_method
 
 METHOD = {
     "name": "at",
@@ -55,21 +55,13 @@ def attention_term(student_map: torch.Tensor, teacher_map: torch.Tensor, p: int)
 
 
 @register_method
-class AT(Method):
+class AT(TapListPairMethod):
     METHOD = METHOD
 
     @classmethod
     def check(cls, params: Mapping[str, Any], context: MethodContext) -> None:
         """Both lists name (C, H, W) maps and pair up one to one; spatial sizes may differ (pooled)."""
         map_pairs(context, params)
-
-    @property
-    def teacher_taps(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(self.params["teacher_taps"]))
-
-    @property
-    def student_taps(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(self.params["student_taps"]))
 
     def loss(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch) -> dict[str, torch.Tensor]:
         assert teacher is not None, "uses_teacher is True, so the training loop passes the teacher's output"

@@ -139,7 +139,7 @@ class Method(nn.Module):
 
 class TapPairMethod(Method):
     """A method that reads one teacher tap and one student tap, named by its ``teacher_tap`` and
-    ``student_tap`` params (FT, Tucker, FitNet, SP, PKT, RKD, CC, CRD)."""
+    ``student_tap`` params (FT, Tucker, FitNet, SP, PKT, RKD, CC, CRD, SimKD)."""
 
     @property
     def teacher_taps(self) -> tuple[str, ...]:
@@ -148,6 +148,19 @@ class TapPairMethod(Method):
     @property
     def student_taps(self) -> tuple[str, ...]:
         return (self.params["student_tap"],)
+
+
+class TapListPairMethod(Method):
+    """A method that reads lists of teacher and student taps paired in order, named by its
+    ``teacher_taps`` and ``student_taps`` params (AT, VID, feature_only); a tap listed twice is hooked once."""
+
+    @property
+    def teacher_taps(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(self.params["teacher_taps"]))
+
+    @property
+    def student_taps(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(self.params["student_taps"]))
 
 
 _REGISTRY: dict[str, type[Method]] = {}

@@ -49,7 +49,7 @@ from torch import nn
 
 from distill._feature_maps import map_pairs
 from distill._projections import build_projection, projected_side, projection_problem
-from distill.base import Batch, Method, MethodConfigError, MethodContext, ModelOutput, register_method
+from distill.base import Batch, MethodConfigError, MethodContext, ModelOutput, TapListPairMethod, register_method
 
 METHOD = {
     "name": "feature_only",
@@ -91,7 +91,7 @@ def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 
 @register_method
-class FeatureOnly(Method):
+class FeatureOnly(TapListPairMethod):
     METHOD = METHOD
 
     def __init__(self, params: Mapping[str, Any], context: MethodContext):
@@ -115,14 +115,6 @@ class FeatureOnly(Method):
             problem = projection_problem(params["projection"], student_shape[0], teacher_shape[0])
             if problem is not None:
                 raise MethodConfigError("projection", f"tap pair {t_tap!r} / {s_tap!r}: {problem}")
-
-    @property
-    def teacher_taps(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(self.params["teacher_taps"]))
-
-    @property
-    def student_taps(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(self.params["student_taps"]))
 
     @property
     def detached_student_tap(self) -> str | None:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill._feature_maps import map_shape, tap_shape
-from distill.base import Batch, Method, MethodConfigError, MethodContext, ModelOutput, register_method
+from distill.base import Batch, MethodConfigError, MethodContext, ModelOutput, TapPairMethod, register_method
 from models.taps import FeatureTaps, tap_module_name
 
 METHOD = {
@@ -104,7 +104,7 @@ class DeployedStudent(nn.Module):
 
 
 @register_method
-class SimKD(Method):
+class SimKD(TapPairMethod):
     METHOD = METHOD
 
     def __init__(self, params: Mapping[str, Any], context: MethodContext):
@@ -161,14 +161,6 @@ class SimKD(Method):
                 "learn_teacher_classifier",
                 "learn_teacher_classifier true fine-tunes the head on the cross-entropy of its prediction; set ce_weight > 0",
             )
-
-    @property
-    def teacher_taps(self) -> tuple[str, ...]:
-        return (self.params["teacher_tap"],)
-
-    @property
-    def student_taps(self) -> tuple[str, ...]:
-        return (self.params["student_tap"],)
 
     def loss(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch) -> dict[str, torch.Tensor]:
         assert teacher is not None, "uses_teacher is True, so the training loop passes the teacher's output"

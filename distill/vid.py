@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill._feature_maps import map_pairs
-from distill.base import Batch, Method, MethodConfigError, MethodContext, ModelOutput, register_method
+from distill.base import Batch, MethodConfigError, MethodContext, ModelOutput, TapListPairMethod, register_method
 
 METHOD = {
     "name": "vid",
@@ -77,7 +77,7 @@ class VariationalRegressor(nn.Module):
 
 
 @register_method
-class VID(Method):
+class VID(TapListPairMethod):
     METHOD = METHOD
 
     def __init__(self, params: Mapping[str, Any], context: MethodContext):
@@ -99,14 +99,6 @@ class VID(Method):
             raise MethodConfigError(
                 "init_pred_var", f"{params['init_pred_var']!r} must exceed eps = {params['eps']!r}, the smallest variance"
             )
-
-    @property
-    def teacher_taps(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(self.params["teacher_taps"]))
-
-    @property
-    def student_taps(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(self.params["student_taps"]))
 
     def loss(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch) -> dict[str, torch.Tensor]:
         assert teacher is not None, "uses_teacher is True, so the training loop passes the teacher's output"

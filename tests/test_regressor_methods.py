@@ -13,20 +13,13 @@ from torch import nn
 from distill.base import Batch, MethodConfigError, MethodContext, ModelOutput, method_class
 from models.registry import tap_shapes
 from tests.conftest import train_student_on_digits
+from tests.test_feature_methods import context, defaults
 
 METHOD_NAMES = ("fitnet", "vid")
 TEACHER_SHAPES = tap_shapes("resnet20", (1, 8, 8), 10)
 STUDENT_SHAPES = tap_shapes("resnet8x0.25", (1, 8, 8), 10)
 
 
-def defaults(name: str, **overrides: object) -> dict[str, object]:
-    params = {key: spec["default"] for key, spec in method_class(name).METHOD["params"].items()}
-    params.update(overrides)
-    return params
-
-
-def context(teacher: dict[str, tuple[int, ...]], student: dict[str, tuple[int, ...]]) -> MethodContext:
-    return MethodContext(num_classes=3, teacher_tap_shapes=teacher, student_tap_shapes=student)
 
 
 def pair_context() -> MethodContext:
