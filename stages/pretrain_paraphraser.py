@@ -45,7 +45,7 @@ def run(stage: StageRun) -> None:
     teacher_taps = FeatureTaps(teacher.model, [tap])
 
     def compute_terms(
-        images: torch.Tensor, labels: torch.Tensor, epoch: int, indices: torch.Tensor
+        images: torch.Tensor, labels: torch.Tensor, epoch: int, indices: torch.Tensor, generator: torch.Generator
     ) -> tuple[dict[str, torch.Tensor], None]:
         with torch.no_grad():
             features = teacher_taps(images)[1][tap]

@@ -25,22 +25,17 @@ from stages.loading import (
 from stages.training import ComputeTerms, EpochLoop, TrainingSettings, training_outputs
 
 
-def distillation_terms(student: nn.Module, teacher: nn.Module | None, method: Method, seed: int = 0) -> ComputeTerms:
+def distillation_terms(student: nn.Module, teacher: nn.Module | None, method: Method) -> ComputeTerms:
     """One batch's loss terms: the method's batch (mixed, for mixup) through the frozen teacher (no
-    grad) and the student, each with the method's taps. The step's random generator is seeded by
-    (seed, epoch, step in epoch): a resumed epoch restarts at its first step and draws the same."""
+    grad) and the student, each with the method's taps."""
     student_taps = FeatureTaps(student, method.student_taps)
     teacher_taps = FeatureTaps(teacher, method.teacher_taps) if teacher is not None else None
     if method.detached_student_tap is not None:
         detach_output_of(student, method.detached_student_tap)
-    position = {"epoch": -1, "step": 0}
 
     def compute_terms(
-        images: torch.Tensor, labels: torch.Tensor, epoch: int, indices: torch.Tensor
+        images: torch.Tensor, labels: torch.Tensor, epoch: int, indices: torch.Tensor, generator: torch.Generator
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        position["step"] = position["step"] + 1 if position["epoch"] == epoch else 0
-        position["epoch"] = epoch
-        generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + position["step"])
         batch = method.prepare_batch(Batch(images, labels, epoch, indices, generator))
         teacher_output = None
         if teacher_taps is not None:
@@ -91,7 +86,7 @@ def run(stage: StageRun) -> None:
         stage=stage,
         record=stage.record(settings.seed),
         modules=nn.ModuleDict({"model": student, "method": method}),
-        compute_terms=distillation_terms(student, teacher, method, settings.seed),
+        compute_terms=distillation_terms(student, teacher, method),
         data=data,
         settings=settings,
         classifier=deployed,

@@ -20,7 +20,7 @@ def run(stage: StageRun) -> None:
     label_smoothing = float(training["label_smoothing"])
 
     def compute_terms(
-        images: torch.Tensor, labels: torch.Tensor, epoch: int, indices: torch.Tensor
+        images: torch.Tensor, labels: torch.Tensor, epoch: int, indices: torch.Tensor, generator: torch.Generator
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         logits = model(images)
         return {"ce": F.cross_entropy(logits, labels, label_smoothing=label_smoothing)}, logits

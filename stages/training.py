@@ -28,9 +28,11 @@ from pipeline.store import StageFolders
 from stages.context import StageRun
 from stages.files import StageError, load_torch, save_torch, write_stage_log
 
-ComputeTerms = Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor], tuple[dict[str, torch.Tensor], torch.Tensor | None]]
-"""(images, labels, 0-based epoch, each sample's index into the training set) -> (named loss terms, logits
-or None when the stage has no classifier)."""
+ComputeTerms = Callable[
+    [torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Generator], tuple[dict[str, torch.Tensor], torch.Tensor | None]
+]
+"""(images, labels, 0-based epoch, each sample's index into the training set, the step's generator) ->
+(named loss terms, logits or None when the stage has no classifier)."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +168,13 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
 
 
+def step_generator(seed: int, epoch: int, step: int) -> torch.Generator:
+    """The generator of one training step's own random draws (mixup's weights, CRD's negatives):
+    a function of (seed, epoch, step), so a resumed epoch, which restarts at its first step, draws
+    what the uninterrupted one drew."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + step)
+
+
 def training_batches(
     data: DatasetSplits, settings: TrainingSettings, epoch: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -277,7 +286,7 @@ class EpochLoop:
         for step, (images, labels, indices) in enumerate(training_batches(self.data, self.settings, epoch)):
             images, labels, indices = images.to(self.device), labels.to(self.device), indices.to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.stage.amp):
-                terms, logits = self.compute_terms(images, labels, epoch, indices)
+                terms, logits = self.compute_terms(images, labels, epoch, indices, step_generator(self.settings.seed, epoch, step))
             total = sum(terms.values())
             for name, value in terms.items():
                 if not torch.isfinite(value):

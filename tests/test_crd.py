@@ -209,7 +209,7 @@ def test_training_batches_carry_each_samples_index_into_the_batch() -> None:
     for images, labels, indices in training_batches(data, settings, epoch=0):
         assert images[:, 0, 0, 0].long().tolist() == indices.tolist()
         assert labels.tolist() == (indices % 3).tolist()
-        compute_terms(images, labels, 0, indices)
+        compute_terms(images, labels, 0, indices, torch.Generator())
         assert method.batches[-1].indices is indices
         seen += indices.tolist()
     assert sorted(seen) == list(range(size))

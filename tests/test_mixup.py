@@ -21,6 +21,7 @@ from distill.base import (
 from distill.composition import check_method
 from distill.mixup import MixedBatch, mixing_weights
 from stages.train_student import distillation_terms
+from stages.training import step_generator
 from tests.conftest import train_student_on_digits
 
 SAMPLES = {"mixup": 2, "mixup3": 3}
@@ -145,13 +146,13 @@ def test_the_teacher_sees_the_students_mixed_images_and_a_resumed_step_mixes_the
     teacher = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)).double()
     teacher.load_state_dict(student.state_dict())
     batch = loader_batch(seed=0)
-    compute = distillation_terms(student, teacher, build(name), seed=5)
-    terms, logits = compute(batch.images, batch.labels, 2, batch.indices)
+    compute = distillation_terms(student, teacher, build(name))
+    terms, logits = compute(batch.images, batch.labels, 2, batch.indices, step_generator(5, 2, 0))
     assert terms["kd"].item() == 0.0
     assert not torch.allclose(logits, student(batch.images))  # the student predicted on mixed images
-    _, next_step = compute(batch.images, batch.labels, 2, batch.indices)
+    _, next_step = compute(batch.images, batch.labels, 2, batch.indices, step_generator(5, 2, 1))
     assert not torch.allclose(next_step, logits)
-    _, resumed = distillation_terms(student, teacher, build(name), seed=5)(batch.images, batch.labels, 2, batch.indices)
+    _, resumed = distillation_terms(student, teacher, build(name))(batch.images, batch.labels, 2, batch.indices, step_generator(5, 2, 0))
     assert torch.equal(resumed, logits)
 
 

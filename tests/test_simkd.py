@@ -145,7 +145,7 @@ def test_a_training_step_runs_the_projector_once() -> None:
     method = method_class("simkd")(defaults(ce_weight=1.0), pair_context(teacher)).train()
     student = build_model("resnet8x0.25", 10, 1).train()
     compute_terms = distillation_terms(student, teacher, method)
-    terms, logits = compute_terms(torch.randn(6, 1, 8, 8), torch.arange(6), 0, torch.arange(6))
+    terms, logits = compute_terms(torch.randn(6, 1, 8, 8), torch.arange(6), 0, torch.arange(6), torch.Generator())
     assert all(module.num_batches_tracked.item() == 1 for module in method.top.projector if isinstance(module, nn.BatchNorm2d))
     assert logits.shape == (6, 10) and not logits.requires_grad
     assert set(terms) == {"ce", "simkd"}
@@ -169,7 +169,7 @@ def test_the_head_is_the_teachers_and_stays_frozen_unless_it_is_learned(learn: b
     generator = torch.Generator().manual_seed(0)
     modules.train()
     for step in range(3):
-        terms, _ = compute_terms(torch.randn(8, 1, 8, 8, generator=generator), torch.randint(0, 10, (8,), generator=generator), 0, torch.arange(8))
+        terms, _ = compute_terms(torch.randn(8, 1, 8, 8, generator=generator), torch.randint(0, 10, (8,), generator=generator), 0, torch.arange(8), torch.Generator())
         optimizer.zero_grad()
         sum(terms.values()).backward()
         optimizer.step()
