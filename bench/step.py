@@ -28,13 +28,15 @@ from distill.base import MethodContext, method_class  # noqa: E402
 from distill.composition import build_method, method_parts  # noqa: E402
 from models.registry import build_model, tap_shapes  # noqa: E402
 from pipeline.catalogue import load_catalogue  # noqa: E402
+from pipeline.plan import method_settings as student_method_settings  # noqa: E402
 from stages.context import select_device  # noqa: E402
 from stages.train_student import distillation_terms  # noqa: E402
 
 TEACHER, STUDENT, NUM_CLASSES, IMAGE_SHAPE = "resnet32x4", "resnet8x4", 100, (3, 32, 32)
 CIFAR100_TRAIN_SIZE = 50_000
 COMPOSITIONS = ("crd+kd", "at+kd", "kd+supcon")
-METHODS = ("vanilla", *sorted(name for name in load_catalogue().methods if name != "vanilla"), *COMPOSITIONS)
+CATALOGUE = load_catalogue()
+METHODS = ("vanilla", *sorted(name for name in CATALOGUE.methods if name != "vanilla"), *COMPOSITIONS)
 REQUIRED = {"ft": {"paraphraser_epochs": 1}}  # params with no default; FT's only matters to its pre-stage
 GOALS = {"logit": 1.05, "feature": 1.30, "crd": 1.40}
 
@@ -57,12 +59,7 @@ def method_params(name: str) -> dict:
 def method_settings(value: str) -> dict:
     """The settings the plan gives a student of ``value`` with every default: one method or a composition."""
     names = value.split("+")
-    if len(names) == 1:
-        return {"name": value, "params": method_params(value)}
-    return {"name": value, "parts": [
-        {"name": name, "params": {k: v for k, v in method_params(name).items() if index == 0 or k != "ce_weight"}}
-        for index, name in enumerate(names)
-    ]}
+    return student_method_settings(value, [CATALOGUE.methods[name] for name in names], {name: method_params(name) for name in names})
 
 
 def uses_teacher(value: str) -> bool:

@@ -99,7 +99,7 @@ class _GraphBuilder:
         dataset = {"name": dataset_name, **data, "fingerprint": self._fingerprint(dataset_name)}
         # Few-data distillation trains the student alone on a subset; its teacher keeps the whole split.
         student_dataset = dataset if subset_size is None else {**dataset, "subset_size": subset_size}
-        method_settings = _method_settings(values["method"], parts, params)
+        student_method = method_settings(values["method"], parts, params)
         uses_teacher = any(part.uses_teacher for part in parts)
         pre_staged = self._pre_staged_part(values, parts, params)
 
@@ -138,7 +138,7 @@ class _GraphBuilder:
                 "dataset": student_dataset,
                 "arch": student_arch,
                 "training": {**_hashed_training(sections["student"]), "seed": seed},
-                "method": method_settings,
+                "method": student_method,
             },
             upstream=student_upstream,
             runtime=self._runtime(sections["student"]),
@@ -234,7 +234,7 @@ class _GraphBuilder:
         return stage
 
 
-def _method_settings(value: str, parts: list[MethodSpec], params: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+def method_settings(value: str, parts: list[MethodSpec], params: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """The student's method settings: ``{"name", "params"}`` for one method (as before compositions,
     so no existing hash moved); ``{"name", "parts"}`` for several, where the parts after the first
     leave out ``ce_weight``: the cross-entropy is counted once, with the first part's weight."""
