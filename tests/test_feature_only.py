@@ -243,3 +243,15 @@ def test_a_layer_named_by_its_index_is_detached_like_one_named_by_its_module() -
     assert all(parameter.grad is None for parameter in model.layer1.parameters())
     assert all(parameter.grad is None for parameter in model.layer2.parameters())
     assert any(parameter.grad is not None for parameter in model.layer3.parameters())
+
+
+def test_only_a_pca_projection_brings_a_fit_pca_stage_and_every_pca_student_of_the_teacher_shares_it(tmp_path: Path) -> None:
+    axes = {"dataset": ["digits"], "pair": ["resnet20:resnet8x0.25"], "method": ["feature_only"], "seed": [0, 1],
+            "methods.feature_only.projection": ["conv1x1", "pca"]}
+    plan = build_plan(write_sweep(tmp_path / "projections.yaml", {"axes": axes}))
+    fits = [name for name, spec in plan.stages.items() if spec.kind == "fit_pca"]
+    assert len(fits) == 1
+    for experiment in plan.experiments:
+        upstream = plan.stages[experiment.student_stage].upstream
+        projection = experiment.axis_values["methods.feature_only.projection"]
+        assert upstream.get("paraphraser") == (fits[0] if projection == "pca" else None)

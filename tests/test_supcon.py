@@ -150,3 +150,12 @@ def test_supcon_trains_on_digits_with_falling_loss(tiny_in_process, restore_torc
         assert set(entry["terms"]) == {"ce", "supcon"}
         assert all(math.isfinite(value) for value in entry["terms"].values())
     assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
+
+
+def test_the_released_epsilon_inside_the_log_is_kept_where_it_is_the_whole_value() -> None:
+    # Two opposite embeddings of one label: after the shift by the row's maximum (the anchor's own
+    # 1 / T), the only other score is exp(-2 / T) ~ 4e-13, so SupConLoss's log(... + 1e-9) decides it.
+    z = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], dtype=torch.float64)
+    shifted = -2.0 / 0.07
+    expected = math.log(math.exp(shifted) + 1e-9) - shifted  # the same for both anchors
+    assert supcon_term(z, torch.tensor([1, 1]), 0.07, 0.07).item() == pytest.approx(expected, rel=1e-9)
