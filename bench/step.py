@@ -70,7 +70,7 @@ def train_step(name: str, teacher: nn.Module, context: MethodContext, images: to
                indices: torch.Tensor, device: torch.device, amp: bool) -> Callable[[], None]:
     """One step of ``name`` as train_student's terms and EpochLoop's step run it, on a fresh student."""
     torch.manual_seed(0)
-    student = build_model(STUDENT, NUM_CLASSES, IMAGE_SHAPE[0]).to(device).train()
+    student = build_model(STUDENT, NUM_CLASSES, IMAGE_SHAPE).to(device).train()
     method = build_method(method_settings(name), context).to(device).train()
     compute_terms = distillation_terms(student, teacher if uses_teacher(name) else None, method)
     parameters = [p for p in [*student.parameters(), *method.parameters()] if p.requires_grad]
@@ -133,7 +133,7 @@ def main() -> None:
     labels = torch.randint(NUM_CLASSES, (args.batch_size,), generator=generator).to(device)
     indices = torch.arange(args.batch_size, device=device)
     torch.manual_seed(0)
-    teacher = build_model(TEACHER, NUM_CLASSES, IMAGE_SHAPE[0]).to(device).requires_grad_(False).eval()
+    teacher = build_model(TEACHER, NUM_CLASSES, IMAGE_SHAPE).to(device).requires_grad_(False).eval()
     context = MethodContext(
         num_classes=NUM_CLASSES,
         teacher_tap_shapes=tap_shapes(TEACHER, IMAGE_SHAPE, NUM_CLASSES),

@@ -6,24 +6,40 @@ conv + BN shortcut (option B); this is what makes the parameter counts match the
 (resnet8x4 1.23M, not the smaller option-A count of the original paper). No ReLU runs in place, so
 a tap on any submodule (say ``layer1.0.bn2``) keeps the values that module produced.
 
+Taps: ``stem`` is the stem's post-ReLU output, ``layer1``..``layer3`` the stages' post-ReLU outputs
+(RepDistiller's ``models/resnet.py`` f0..f3 with ``preact=False``), ``pool`` the (N, D) penultimate
+vector. ``min_image_size`` is the product of the two stride-2 steps. ``import_state(arch,
+"repdistiller", state)`` renames RepDistiller's keys (``conv1``, ``bn1``, ``layerS.N.downsample.0/1``).
+
 ``ARCHITECTURES`` is a plain literal because the planner reads it with ``ast.literal_eval``
 without importing torch: it is the one place that names these architectures and their taps.
 """
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import Tensor, nn
 
+from models.repdistiller import initialise, renamed_state
+
 ARCHITECTURES = {
-    "resnet20": {"depth": 20, "widths": [16, 16, 32, 64], "taps": ["stem", "layer1", "layer2", "layer3", "pool"]},
-    "resnet32": {"depth": 32, "widths": [16, 16, 32, 64], "taps": ["stem", "layer1", "layer2", "layer3", "pool"]},
-    "resnet56": {"depth": 56, "widths": [16, 16, 32, 64], "taps": ["stem", "layer1", "layer2", "layer3", "pool"]},
-    "resnet110": {"depth": 110, "widths": [16, 16, 32, 64], "taps": ["stem", "layer1", "layer2", "layer3", "pool"]},
-    "resnet8x4": {"depth": 8, "widths": [32, 64, 128, 256], "taps": ["stem", "layer1", "layer2", "layer3", "pool"]},
-    "resnet32x4": {"depth": 32, "widths": [32, 64, 128, 256], "taps": ["stem", "layer1", "layer2", "layer3", "pool"]},
+    "resnet20": {"depth": 20, "widths": [16, 16, 32, 64], "taps": ["stem", "layer1", "layer2", "layer3", "pool"],
+                  "min_image_size": 4},
+    "resnet32": {"depth": 32, "widths": [16, 16, 32, 64], "taps": ["stem", "layer1", "layer2", "layer3", "pool"],
+                  "min_image_size": 4},
+    "resnet56": {"depth": 56, "widths": [16, 16, 32, 64], "taps": ["stem", "layer1", "layer2", "layer3", "pool"],
+                  "min_image_size": 4},
+    "resnet110": {"depth": 110, "widths": [16, 16, 32, 64], "taps": ["stem", "layer1", "layer2", "layer3", "pool"],
+                  "min_image_size": 4},
+    "resnet8x4": {"depth": 8, "widths": [32, 64, 128, 256], "taps": ["stem", "layer1", "layer2", "layer3", "pool"],
+                  "min_image_size": 4},
+    "resnet32x4": {"depth": 32, "widths": [32, 64, 128, 256], "taps": ["stem", "layer1", "layer2", "layer3", "pool"],
+                  "min_image_size": 4},
     # A quarter of resnet8's widths (8, 16, 32, 64), named like resnet8x4: about 5k parameters.
     # Small enough that the bundled 8x8 digits show a real teacher/student capacity gap.
-    "resnet8x0.25": {"depth": 8, "widths": [2, 4, 8, 16], "taps": ["stem", "layer1", "layer2", "layer3", "pool"]},
+    "resnet8x0.25": {"depth": 8, "widths": [2, 4, 8, 16], "taps": ["stem", "layer1", "layer2", "layer3", "pool"],
+                  "min_image_size": 4},
 }
 
 
@@ -76,7 +92,7 @@ class ResNetCifar(nn.Module):
         # A module of its own, not a call in forward(), so the penultimate features can be tapped.
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.fc = nn.Linear(widths[3], num_classes)
-        self._initialise()
+        initialise(self)
 
     @staticmethod
     def _stage(in_channels: int, out_channels: int, blocks: int, stride: int) -> nn.Sequential:
@@ -84,20 +100,37 @@ class ResNetCifar(nn.Module):
         rest = [BasicBlock(out_channels, out_channels, 1) for _ in range(blocks - 1)]
         return nn.Sequential(first, *rest)
 
-    def _initialise(self) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.layer3(self.layer2(self.layer1(self.stem(x))))
         return self.fc(self.pool(x))
 
 
-def build(arch: str, num_classes: int, in_channels: int) -> ResNetCifar:
-    """The network named ``arch`` in ``ARCHITECTURES``; the registry calls this."""
+def build(arch: str, num_classes: int, image_shape: tuple[int, int, int]) -> ResNetCifar:
+    """The network named ``arch`` in ``ARCHITECTURES`` for images of ``image_shape`` (C, H, W)."""
     entry = ARCHITECTURES[arch]
-    return ResNetCifar(entry["depth"], entry["widths"], num_classes, in_channels)
+    return ResNetCifar(entry["depth"], entry["widths"], num_classes, image_shape[0])
+
+
+_BLOCK_KEY = re.compile(r"(layer[123]\.\d+)\.(conv1|bn1|conv2|bn2|downsample\.0|downsample\.1)\.(\w+)")
+_TOP_KEY = re.compile(r"(conv1|bn1|fc)\.(\w+)")
+_BLOCK_RENAMES = {"downsample.0": "shortcut.0", "downsample.1": "shortcut.1"}
+_TOP_RENAMES = {"conv1": "stem.0", "bn1": "stem.1", "fc": "fc"}
+
+
+def _repdistiller_key(key: str) -> str:
+    block = _BLOCK_KEY.fullmatch(key)
+    if block:
+        place, module, tensor = block.groups()
+        return f"{place}.{_BLOCK_RENAMES.get(module, module)}.{tensor}"
+    top = _TOP_KEY.fullmatch(key)
+    if top:
+        return f"{_TOP_RENAMES[top.group(1)]}.{top.group(2)}"
+    raise ValueError(f"state key {key!r} is not a RepDistiller CIFAR ResNet key (conv1, bn1, layer1..3.N, fc)")
+
+
+def import_state(
+    arch: str, source: str, state: dict[str, Tensor], image_shape: tuple[int, int, int] = (3, 32, 32)
+) -> dict[str, Tensor]:
+    """``state`` (a RepDistiller ``resnet*`` model state dict) under this module's names."""
+    return renamed_state(arch, source, state, _repdistiller_key)

@@ -88,6 +88,8 @@ class FeatureTaps:
     for each call and this object keeps no reference to it afterwards, so no step holds on to an
     earlier step's graph. A module that runs twice in one forward pass reports its last output.
     Use as a context manager, or call ``remove()``, to leave the model with no hooks.
+    A model with a ``tap_view(module_name, output)`` method sees every captured output through it
+    (a ViT turns its (N, 1 + h*w, D) tokens into (N, D, h, w) maps there).
     """
 
     def __init__(self, model: nn.Module, taps: Iterable[Tap]):
@@ -97,15 +99,16 @@ class FeatureTaps:
         layers = generalised_layers(model) if any(isinstance(tap, int) for tap in self.taps) else ()
         names = [tap_module_name(model, tap, layers) for tap in self.taps]
         self._captured: dict[Tap, Tensor] | None = None
+        self._view: Callable[[str, Tensor], Tensor] | None = getattr(model, "tap_view", None)
         self._handles: list[RemovableHandle] = [
-            modules[name].register_forward_hook(self._hook_for(tap)) for tap, name in zip(self.taps, names)
+            modules[name].register_forward_hook(self._hook_for(tap, name)) for tap, name in zip(self.taps, names)
         ]
 
-    def _hook_for(self, tap: Tap) -> Callable[[nn.Module, Any, Tensor], None]:
+    def _hook_for(self, tap: Tap, name: str) -> Callable[[nn.Module, Any, Tensor], None]:
         def hook(module: nn.Module, inputs: Any, output: Tensor) -> None:
             # Only a forward started by __call__ is recorded; a plain model(x) passes through untouched.
             if self._captured is not None:
-                self._captured[tap] = output
+                self._captured[tap] = output if self._view is None else self._view(name, output)
 
         return hook
 

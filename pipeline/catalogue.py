@@ -10,6 +10,7 @@ planner imports: it finds the files with the same code the readers use.
 from __future__ import annotations
 
 import ast
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -19,10 +20,12 @@ from types import MappingProxyType
 from typing import Any
 
 from data.files import FINGERPRINTS, NO_DATA_ROOT, fingerprint
+from data.layouts import folder_facts
 from pipeline.fields import TYPES, Field, FieldError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRE_STAGE_KINDS = ("pretrain_paraphraser", "fit_pca")
+LAYER_INDEX_PATH = Path("models", "layer_index.json")
 _NAME = re.compile(r"[A-Za-z0-9_.]+")
 """Names become parts of stage folder names, where '-' separates the parts and ':' splits a pair."""
 _PARAM_KEYS = ("default", "min", "max", "choices", "tap", "length", "type", "required", "help")
@@ -69,13 +72,13 @@ def method_names(value: str) -> list[str]:
 @dataclass(frozen=True)
 class Architecture:
     """An ``ARCHITECTURES`` entry. ``layers`` are its generalised layers: the module names, in forward
-    order, that a tap may also give by index (``resnet_cifar_layers``)."""
+    order, that a tap may also give by index (from ``LAYER_INDEX_PATH``). ``min_image_size``: the
+    smallest input side in pixels it accepts (a ViT-B/16 needs whole 16 px patches)."""
 
     name: str
-    depth: int
-    widths: tuple[int, ...]
     taps: tuple[str, ...]
     layers: tuple[str, ...]
+    min_image_size: int
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,15 @@ class Catalogue:
     architectures: Mapping[str, Architecture]
     datasets: Mapping[str, DatasetSpec]
 
+    def dataset(self, name: str, root: str | None) -> DatasetSpec:
+        """Data set ``name`` with the facts its declaration leaves to its folder (``num_classes`` and
+        ``train_images`` 0: a generic ``imagefolder``) read from the folder under ``root``."""
+        spec = self.datasets[name]
+        if (spec.num_classes and spec.train_images) or root is None:
+            return spec
+        num_classes, train_images = folder_facts(name, root)
+        return replace(spec, num_classes=num_classes, train_images=train_images)
+
 
 def load_catalogue(repo_root: Path | str | None = None) -> Catalogue:
     """The catalogue of the repository at ``repo_root`` (default: the one holding this package)."""
@@ -109,8 +121,9 @@ def load_catalogue(repo_root: Path | str | None = None) -> Catalogue:
     for path, literal in _literals(root / "distill", "METHOD"):
         method = _method(path, literal)
         methods[method.name] = method
+    layers = _layer_index(root)
     architectures = {
-        name: _architecture(path, name, entry)
+        name: _architecture(path, name, entry, layers)
         for path, name, entry in _entries(root / "models", "ARCHITECTURES")
     }
     datasets = {name: _dataset(path, name, entry) for path, name, entry in _entries(root / "data", "DATASETS")}
@@ -234,37 +247,43 @@ def _pre_stage(path: Path, literal: dict, params: Mapping[str, Field]) -> PreSta
     return PreStage(raw["kind"], tuple(names), MappingProxyType(dict(when)))
 
 
-def _architecture(path: Path, name: str, entry: dict) -> Architecture:
+def _architecture(path: Path, name: str, entry: dict, layers: Mapping[str, Any]) -> Architecture:
     where = f"ARCHITECTURES[{name!r}]"
-    _expect(isinstance(entry.get("depth"), int), path, f"{where}.depth", "must be an int")
-    _expect(_is_list_of(entry.get("widths"), int), path, f"{where}.widths", "must be a list of ints")
     _expect(_is_list_of(entry.get("taps"), str), path, f"{where}.taps", "must be a list of tap names")
-    depth = entry["depth"]
-    _expect(depth >= 8 and (depth - 2) % 6 == 0, path, f"{where}.depth", "must be 6n + 2 with n >= 1 (8, 14, 20, ...)")
-    return Architecture(name, depth, tuple(entry["widths"]), tuple(entry["taps"]), resnet_cifar_layers(depth))
+    size = entry.get("min_image_size")
+    _expect(isinstance(size, int) and size >= 1, path, f"{where}.min_image_size",
+            "must be the smallest input side in pixels the network accepts")
+    _expect(name in layers and _is_list_of(layers[name], str), path, where,
+            f"has no entry in {LAYER_INDEX_PATH}; rewrite it with: python -m models.registry")
+    missing = [tap for tap in entry["taps"] if tap not in layers[name]]
+    _expect(not missing, path, f"{where}.taps", f"{missing} are not generalised layers in {LAYER_INDEX_PATH}")
+    return Architecture(name, tuple(entry["taps"]), tuple(layers[name]), size)
 
 
-def resnet_cifar_layers(depth: int) -> tuple[str, ...]:
-    """The generalised layers of a CIFAR ResNet of ``depth`` (6n + 2), worked out without torch.
-
-    What ``models.taps.generalised_layers`` reads off the built network (a test holds the two
-    equal): the stem (conv, BN, ReLU), each residual block, the pooled feature and the classifier.
-    A stage's last block ends the stage, so it goes by the stage's name.
-    """
-    blocks = (depth - 2) // 6
-    stages = [(*(f"layer{stage}.{block}" for block in range(blocks - 1)), f"layer{stage}") for stage in (1, 2, 3)]
-    return ("stem", *(name for stage in stages for name in stage), "pool", "fc")
+def _layer_index(root: Path) -> dict[str, Any]:
+    """``models/layer_index.json``: each architecture's generalised layers, written from the built
+    networks by ``python -m models.registry`` (the planner cannot build them without torch)."""
+    path = root / LAYER_INDEX_PATH
+    try:
+        index = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError as error:
+        raise CatalogueError(f"{path}: not JSON ({error}); rewrite it with: python -m models.registry") from None
+    _expect(isinstance(index, dict), path, "top level", "must map architecture names to lists of layer names")
+    return index
 
 
 def _dataset(path: Path, name: str, entry: dict) -> DatasetSpec:
     where = f"DATASETS[{name!r}]"
-    _expect(isinstance(entry.get("num_classes"), int), path, f"{where}.num_classes", "must be an int")
+    _expect(isinstance(entry.get("num_classes"), int) and entry["num_classes"] >= 0, path, f"{where}.num_classes",
+            "must be an int (0: read from the data folder)")
     _expect(_is_list_of(entry.get("image_shape"), int), path, f"{where}.image_shape", "must be a list of ints")
     _expect(isinstance(entry.get("needs_root"), bool), path, f"{where}.needs_root", "must be true or false")
     summary = entry.get("summary", "")
     _expect(isinstance(summary, str), path, f"{where}.summary", "must be a string")
-    _expect(isinstance(entry.get("train_images"), int) and entry["train_images"] > 0, path, f"{where}.train_images",
-            "must be the number of images of the official training part")
+    _expect(isinstance(entry.get("train_images"), int) and entry["train_images"] >= 0, path, f"{where}.train_images",
+            "must be the number of images of the official training part (0: read from the data folder)")
     return DatasetSpec(name, entry["num_classes"], tuple(entry["image_shape"]), entry["needs_root"], summary, entry["train_images"])
 
 

@@ -110,7 +110,7 @@ def _gradients_after(loss_name: str, detach_head: bool) -> dict[str, bool]:
     """Which student module groups get a non-zero gradient from one term, through the training loop's
     own hook (stages.train_student.detach_output_of)."""
     torch.manual_seed(0)
-    student, teacher = build_model("resnet8x0.25", 10, 1), build_model("resnet20", 10, 1).eval()
+    student, teacher = build_model("resnet8x0.25", 10, (1, 8, 8)), build_model("resnet20", 10, (1, 8, 8)).eval()
     method = FEATURE_ONLY(params(detach_head=detach_head, kd_weight=1.0), digits_context())
     student_taps = FeatureTaps(student, method.student_taps)
     if method.detached_student_tap is not None:
@@ -236,7 +236,7 @@ def test_fit_pca_stage_feeds_a_pca_student_on_digits(tiny_in_process, restore_to
 def test_a_layer_named_by_its_index_is_detached_like_one_named_by_its_module() -> None:
     from models.registry import build_model, generalised_layers
 
-    model = build_model("resnet8x0.25", num_classes=10, in_channels=1)
+    model = build_model("resnet8x0.25", num_classes=10, image_shape=(1, 8, 8))
     index = generalised_layers(model).index("layer2")
     detach_output_of(model, index)
     model(torch.randn(2, 1, 8, 8)).sum().backward()

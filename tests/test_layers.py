@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from models.registry import build_model, generalised_layers, tap_shapes
+from models.registry import LAYER_INDEX, build_model, generalised_layers, layer_index, tap_shapes
 from models.taps import FeatureTaps
-from pipeline.catalogue import CatalogueError, load_catalogue, resnet_cifar_layers
+from pipeline.catalogue import CatalogueError, load_catalogue
 from pipeline.plan import build_plan
 from pipeline.sweep import SweepError
 from tests.conftest import (
@@ -31,12 +31,16 @@ def test_the_planners_list_is_the_one_read_off_the_built_network(arch: str) -> N
     assert CATALOGUE.architectures[arch].layers == generalised_layers(arch)
 
 
+def test_the_committed_layer_index_is_the_built_networks() -> None:
+    assert json.loads(LAYER_INDEX.read_text()) == layer_index(), "rewrite it: .venv/bin/python -m models.registry"
+
+
 def test_resnet20_layers_by_hand() -> None:
     blocks = [f"layer{stage}.{block}" for stage in (1, 2, 3) for block in (0, 1)]
-    assert resnet_cifar_layers(20) == (
+    assert CATALOGUE.architectures["resnet20"].layers == (
         "stem", *blocks[0:2], "layer1", *blocks[2:4], "layer2", *blocks[4:6], "layer3", "pool", "fc"
     )
-    assert len(resnet_cifar_layers(110)) == 1 + 3 * 18 + 2
+    assert len(CATALOGUE.architectures["resnet110"].layers) == 1 + 3 * 18 + 2
 
 
 def test_every_declared_tap_is_a_generalised_layer() -> None:
@@ -74,7 +78,7 @@ def test_cuts_follow_activations_blocks_and_top_level_children() -> None:
 
 
 def test_layers_run_in_list_order() -> None:
-    model = build_model("resnet20", num_classes=10, in_channels=1).eval()
+    model = build_model("resnet20", num_classes=10, image_shape=(1, 8, 8)).eval()
     layers = generalised_layers(model)
     modules = dict(model.named_modules())
     order: list[str] = []
@@ -87,7 +91,7 @@ def test_layers_run_in_list_order() -> None:
 
 def test_a_tap_by_index_reads_the_same_tensor_as_by_name() -> None:
     torch.manual_seed(0)
-    model = build_model("resnet20", num_classes=10, in_channels=1).eval()
+    model = build_model("resnet20", num_classes=10, image_shape=(1, 8, 8)).eval()
     images = torch.randn(3, 1, 8, 8)
     with torch.no_grad(), FeatureTaps(model, [1, 3, 11]) as taps:
         logits, by_index = taps(images)
@@ -101,7 +105,7 @@ def test_a_tap_by_index_reads_the_same_tensor_as_by_name() -> None:
 
 
 def test_a_name_and_its_index_together_each_get_the_tensor() -> None:
-    model = build_model("resnet8x4", num_classes=10, in_channels=3).eval()
+    model = build_model("resnet8x4", num_classes=10, image_shape=(3, 32, 32)).eval()
     with torch.no_grad(), FeatureTaps(model, ["layer2", 2]) as taps:
         _, features = taps(torch.randn(1, 3, 16, 16))
     assert features["layer2"] is features[2]
@@ -109,7 +113,7 @@ def test_a_name_and_its_index_together_each_get_the_tensor() -> None:
 
 @pytest.mark.parametrize("index", [12, -1])
 def test_an_index_outside_the_layers_is_refused_with_the_range(index: int) -> None:
-    model = build_model("resnet20", num_classes=10, in_channels=1)
+    model = build_model("resnet20", num_classes=10, image_shape=(1, 8, 8))
     with pytest.raises(ValueError, match=rf"tap {index} is out of range .* 12 generalised layers; allowed: 0\.\.11"):
         FeatureTaps(model, ["stem", index])
     assert all(not module._forward_hooks for module in model.modules())
@@ -187,11 +191,22 @@ def test_a_tap_name_sweep_still_plans(tmp_path: Path) -> None:
     assert len(build_plan(REPO / "configs" / "demo.yaml").stages) > 0
 
 
-def test_a_depth_the_layer_list_cannot_be_worked_out_for_is_refused(tmp_path: Path) -> None:
+def test_an_architecture_missing_from_the_layer_index_is_refused(tmp_path: Path) -> None:
     for folder in ("distill", "data", "models"):
         (tmp_path / folder).mkdir()
-    (tmp_path / "models" / "odd.py").write_text('ARCHITECTURES = {"resnet9": {"depth": 9, "widths": [1, 2, 3, 4], "taps": []}}\n')
-    with pytest.raises(CatalogueError, match=r"ARCHITECTURES\['resnet9'\].depth: must be 6n \+ 2"):
+    (tmp_path / "models" / "odd.py").write_text('ARCHITECTURES = {"odd9": {"taps": [], "min_image_size": 8}}\n')
+    (tmp_path / "models" / "layer_index.json").write_text('{"other": ["fc"]}\n')
+    with pytest.raises(CatalogueError, match=r"ARCHITECTURES\['odd9'\]: has no entry in models/layer_index.json; "
+                                             r"rewrite it with: python -m models.registry"):
+        load_catalogue(tmp_path)
+
+
+def test_a_declared_tap_that_is_no_layer_is_refused(tmp_path: Path) -> None:
+    for folder in ("distill", "data", "models"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "models" / "odd.py").write_text('ARCHITECTURES = {"odd9": {"taps": ["pool"], "min_image_size": 8}}\n')
+    (tmp_path / "models" / "layer_index.json").write_text('{"odd9": ["stem", "fc"]}\n')
+    with pytest.raises(CatalogueError, match=r"ARCHITECTURES\['odd9'\].taps: \['pool'\] are not generalised layers"):
         load_catalogue(tmp_path)
 
 
@@ -223,10 +238,10 @@ def test_runner_layers_takes_the_data_sets_image_shape() -> None:
 
 
 def test_runner_layers_refuses_an_unknown_architecture_in_one_line() -> None:
-    result = run_runner("layers", "resnet9")
+    result = run_runner("layers", "resnet7")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: unknown architecture 'resnet9'; allowed: " + ", ".join(sorted(CATALOGUE.architectures))
+        "error: unknown architecture 'resnet7'; allowed: " + ", ".join(sorted(CATALOGUE.architectures))
     ]
 
 

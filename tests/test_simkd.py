@@ -36,7 +36,7 @@ def pair_context(teacher: nn.Module | None = None, num_classes: int = 10) -> Met
 
 def teacher_network(classes: int = 10, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return build_model("resnet20", classes, 1).eval().requires_grad_(False)
+    return build_model("resnet20", classes, (1, 8, 8)).eval().requires_grad_(False)
 
 
 def small_method(student: tuple[int, int, int], teacher: tuple[int, int, int], **overrides: object) -> nn.Module:
@@ -127,7 +127,7 @@ def test_logits_and_the_deployed_network_are_the_teacher_head_on_the_pooled_proj
                 module.bias.uniform_(-0.2, 0.2)
     method.eval()
     torch.manual_seed(1)
-    student = build_model("resnet8x0.25", 10, 1).eval()
+    student = build_model("resnet8x0.25", 10, (1, 8, 8)).eval()
     images = torch.randn(5, 1, 8, 8)
     with torch.no_grad():
         student_map = student.layer3(student.layer2(student.layer1(student.stem(images))))
@@ -143,7 +143,7 @@ def test_a_training_step_runs_the_projector_once() -> None:
     # student_logits reuses the loss's prediction, so BN's running statistics move once per step.
     teacher = teacher_network()
     method = method_class("simkd")(defaults(ce_weight=1.0), pair_context(teacher)).train()
-    student = build_model("resnet8x0.25", 10, 1).train()
+    student = build_model("resnet8x0.25", 10, (1, 8, 8)).train()
     compute_terms = distillation_terms(student, teacher, method)
     terms, logits = compute_terms(torch.randn(6, 1, 8, 8), torch.arange(6), 0, torch.arange(6), torch.Generator())
     assert all(module.num_batches_tracked.item() == 1 for module in method.top.projector if isinstance(module, nn.BatchNorm2d))
@@ -160,7 +160,7 @@ def test_the_head_is_the_teachers_and_stays_frozen_unless_it_is_learned(learn: b
     method = method_class("simkd")(defaults(ce_weight=1.0, learn_teacher_classifier=learn), pair_context(teacher))
     assert torch.equal(method.top.head.weight, teacher_weight) and torch.equal(method.top.head.bias, teacher_bias)
     assert method.top.head.weight.requires_grad is learn
-    student = build_model("resnet8x0.25", 10, 1)
+    student = build_model("resnet8x0.25", 10, (1, 8, 8))
     modules = nn.ModuleDict({"model": student, "method": method})
     trainable = [parameter for parameter in modules.parameters() if parameter.requires_grad]  # as EpochLoop picks them
     assert any(parameter is method.top.head.weight for parameter in trainable) is learn
@@ -183,7 +183,7 @@ def test_the_deployed_parameter_count_is_student_plus_projector_plus_head() -> N
     projector = 16 * 32 + 2 * 32 + 32 * 32 * 9 + 2 * 32 + 32 * 64 + 2 * 64
     head = 64 * 10 + 10
     method = method_class("simkd")(defaults(), pair_context(teacher_network()))
-    student = build_model("resnet8x0.25", 10, 1)
+    student = build_model("resnet8x0.25", 10, (1, 8, 8))
     assert parameter_count(method.deployed(student)) == parameter_count(student) + projector + head
 
 
@@ -259,5 +259,5 @@ def test_simkd_trains_on_digits_and_is_evaluated_as_student_projector_and_head(
     run_stage(evaluate_spec, root)
     result = json.loads(StageFolders(root, evaluate_spec.name).result.read_text())
     projector_and_head = (16 * 32 + 2 * 32 + 32 * 32 * 9 + 2 * 32 + 32 * 64 + 2 * 64) + (64 * 10 + 10)
-    assert result["parameters"] == parameter_count(build_model("resnet8x0.25", 10, 1)) + projector_and_head
+    assert result["parameters"] == parameter_count(build_model("resnet8x0.25", 10, (1, 8, 8))) + projector_and_head
     assert result["top1_last"] == pytest.approx(epochs[-1]["test_acc"])
