@@ -142,7 +142,9 @@ class _SweepChecker:
         self._check_used_methods(axes, defaults)
         self._check_milestones(axes, defaults)
         self._check_optimisers(axes, defaults)
-        self._check_subsets(axes, defaults)
+        self._check_subsets(axes, defaults, data_root)
+        self._check_image_sizes(axes)
+        self._check_zero_epochs(axes, defaults)
         resources = self._resources(top.get("resources"))
         return Sweep(name, self.file, data_root, axes, defaults, resources)
 
@@ -373,18 +375,45 @@ class _SweepChecker:
                     print(f"{self.file}: {where}: warning: lr {lr!r} is high for optimizer lion, "
                           "which wants a 3-10x smaller lr than adamw", file=sys.stderr)
 
-    def _check_subsets(self, axes: Mapping[str, tuple], defaults: Mapping[str, Mapping[str, Any]]) -> None:
+    def _check_subsets(self, axes: Mapping[str, tuple], defaults: Mapping[str, Mapping[str, Any]], data_root: str | None) -> None:
         """A data.subset_size fits every data set's training split at every val_fraction it is planned with."""
         for where, subset_size in _section_values(axes, defaults, "data", "subset_size"):
             if subset_size is None:
                 continue
             for dataset in axes["dataset"]:
                 for fraction_at, val_fraction in _section_values(axes, defaults, "data", "val_fraction"):
-                    size = self.catalogue.datasets[dataset].training_split_size(val_fraction)
+                    size = self.catalogue.dataset(dataset, data_root).training_split_size(val_fraction)
                     if subset_size > size:
                         problem = (f"{subset_size} is more than the {size} images of {dataset}'s training split "
                                    f"(after the validation hold-out of {fraction_at})")
                         raise self._error(where, problem, [f"1..{size}", "null (the whole split)"])
+
+    def _check_zero_epochs(self, axes: Mapping[str, tuple], defaults: Mapping[str, Mapping[str, Any]]) -> None:
+        """epochs 0 (use imported weights as they are) only for a teacher that imports weights."""
+        for where, epochs in _section_values(axes, defaults, "student", "epochs"):
+            if epochs == 0:
+                raise self._error(where, "a student trains at least one epoch (0 is for a teacher whose init imports weights)",
+                                  ["an int >= 1"])
+        for combination in _section_combinations(axes, defaults, "teacher", ("epochs", "init")):
+            (where, epochs), (init_at, init) = combination["epochs"], combination["init"]
+            if epochs == 0 and init == "scratch":
+                raise self._error(where, f"epochs 0 uses the imported weights as they are, but {init_at} is scratch; "
+                                         "import weights (init: {torchvision: NAME} or {checkpoint: PATH}) or train",
+                                  ["an int >= 1", "0 with an init other than scratch"])
+
+    def _check_image_sizes(self, axes: Mapping[str, tuple]) -> None:
+        """Every architecture of every pair accepts every data set's images (no ViT-B/16 on 8x8 digits)."""
+        for index, pair in enumerate(axes["pair"]):
+            for role, arch in zip(("teacher", "student"), pair.split(":")):
+                needed = self.catalogue.architectures[arch].min_image_size
+                for dataset in axes["dataset"]:
+                    side = min(self.catalogue.datasets[dataset].image_shape[1:])
+                    if side < needed:
+                        fits = sorted(name for name, spec in self.catalogue.architectures.items() if spec.min_image_size <= side)
+                        raise self._error(
+                            f"axes.pair[{index}]",
+                            f"{role} {arch} needs images of at least {needed}x{needed} px, but data set {dataset} "
+                            f"has {side}x{side}; architectures that fit it", fits)
 
     def _tap(self, where: str, field: Field, value: Any, arch: str) -> None:
         if value is None:

@@ -18,7 +18,7 @@ from distill.composition import Composition, build_method, check_method
 from pipeline.catalogue import load_catalogue
 from pipeline.plan import build_plan
 from pipeline.sweep import SweepError
-from stages.preflight import check_methods
+from stages.preflight import check_plan
 from tests.conftest import train_student_on_digits, write_sweep
 
 
@@ -121,7 +121,7 @@ def test_a_parts_required_param_and_taps_are_checked_as_for_the_method_alone(tmp
 def test_preflight_names_the_part_whose_setting_does_not_fit(tmp_path: Path) -> None:
     plan = plan_of(tmp_path, ["kd+tucker"], **{"defaults.methods.tucker.ranks": [512, 2, 2]})
     with pytest.raises(SweepError, match=r": methods\.tucker\.ranks: "):
-        check_methods(plan, load_catalogue())
+        check_plan(plan, load_catalogue())
 
 
 # --- the loss ------------------------------------------------------------------------------------

@@ -279,13 +279,13 @@ def test_the_preflight_refuses_nce_k_beyond_the_digits_training_split_before_any
     from pipeline.catalogue import load_catalogue
     from pipeline.plan import build_plan
     from pipeline.sweep import SweepError
-    from stages.preflight import check_methods
+    from stages.preflight import check_plan
     from tests.conftest import write_sweep
 
     plan = build_plan(write_sweep(tmp_path / "crd.yaml", {"axes.method": ["crd"]}))
     with pytest.raises(SweepError, match=r"methods\.crd\.nce_k: nce_k 16384 needs at least 16385 training samples.*has 1294"):
-        check_methods(plan, load_catalogue())
+        check_plan(plan, load_catalogue())
     few = build_plan(write_sweep(tmp_path / "few.yaml", {"axes.method": ["crd"], "defaults.methods.crd": {"nce_k": 256},
                                                          "defaults.data.subset_size": 200}))
     with pytest.raises(SweepError, match="has 200"):
-        check_methods(few, load_catalogue())
+        check_plan(few, load_catalogue())

@@ -191,7 +191,7 @@ def test_without_a_data_root_the_plan_prints_and_submit_refuses(
     plan_of: Callable[..., Plan], fake_repo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from pipeline.catalogue import load_catalogue
-    from stages.preflight import check_methods
+    from stages.preflight import check_plan
 
     monkeypatch.delenv("KDBENCH_DATA", raising=False)
     plan = plan_of(_on_cifar100(None))
@@ -199,7 +199,7 @@ def test_without_a_data_root_the_plan_prints_and_submit_refuses(
     recorded = {stage.settings["dataset"]["fingerprint"] for stage in plan.stages.values()}
     assert recorded == {NO_DATA_ROOT}
     with pytest.raises(SweepError, match="data_root: data set cifar100 reads files"):
-        check_methods(plan, load_catalogue(fake_repo))
+        check_plan(plan, load_catalogue(fake_repo))
 
 
 def test_missing_data_files_are_named_when_planning(plan_of: Callable[..., Plan], tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import that cannot succeed: the catalogue must read their literals without impor
 from __future__ import annotations
 
 import copy
+import json
 import textwrap
 from pathlib import Path
 from typing import Any, Callable
@@ -16,6 +17,7 @@ import yaml
 from pipeline.catalogue import Catalogue, CatalogueError, load_catalogue
 from pipeline.sweep import SweepError, load_sweep
 
+REPO = Path(__file__).resolve().parent.parent
 _UNIMPORTABLE = "import module_that_does_not_exist  # the catalogue must never import this file\n\n"
 
 FAKE_FILES = {
@@ -72,14 +74,19 @@ FAKE_FILES = {
     "models/resnet.py": """
         _TAPS = ["stem", "layer1", "layer2", "layer3", "pool"]
         ARCHITECTURES = {
-            "resnet8x4": {"depth": 8, "widths": [32, 64, 128, 256], "taps": ["stem", "layer1", "layer2", "layer3", "pool"]},
-            "resnet32x4": {"depth": 32, "widths": [32, 64, 128, 256], "taps": ["stem", "layer1", "layer2", "layer3", "pool"]},
-            "resnet56": {"depth": 56, "widths": [16, 16, 32, 64], "taps": ["stem", "layer1", "layer2", "layer3", "pool"]},
+            "resnet8x4": {"depth": 8, "widths": [32, 64, 128, 256], "taps": ["stem", "layer1", "layer2", "layer3", "pool"], "min_image_size": 1},
+            "resnet32x4": {"depth": 32, "widths": [32, 64, 128, 256], "taps": ["stem", "layer1", "layer2", "layer3", "pool"], "min_image_size": 1},
+            "resnet56": {"depth": 56, "widths": [16, 16, 32, 64], "taps": ["stem", "layer1", "layer2", "layer3", "pool"], "min_image_size": 1},
         }
     """,
     "models/small.py": """
-        ARCHITECTURES = {"resnet20": {"depth": 20, "widths": [16, 16, 32, 64], "taps": ["stem", "layer1", "layer2", "layer3"]}}
+        ARCHITECTURES = {"resnet20": {"depth": 20, "widths": [16, 16, 32, 64], "taps": ["stem", "layer1", "layer2", "layer3"], "min_image_size": 1}}
     """,
+    # The real index's entries for these four names (tests/test_layers.py holds the real one to the networks).
+    "models/layer_index.json": json.dumps({
+        arch: layers for arch, layers in json.loads((REPO / "models" / "layer_index.json").read_text()).items()
+        if arch in ("resnet8x4", "resnet32x4", "resnet56", "resnet20")
+    }),
     "data/digits.py": """
         DATASETS = {"digits": {"num_classes": 10, "image_shape": [1, 8, 8], "needs_root": False, "summary": "8x8 digits", "train_images": 1438}}
     """,
@@ -99,7 +106,7 @@ def write_fake_repo(root: Path, files: dict[str, str] = FAKE_FILES) -> Path:
     for relative, source in files.items():
         path = root / relative
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(_UNIMPORTABLE + textwrap.dedent(source))
+        path.write_text(source if path.suffix == ".json" else _UNIMPORTABLE + textwrap.dedent(source))
     return root
 
 
@@ -285,7 +292,7 @@ BAD_SWEEPS = [
     pytest.param(_set("axes", "dataset", value=["cifar1000"]), "axes.dataset[0]",
                  ["unknown dataset 'cifar1000'", "allowed: cifar100, digits"], id="unknown-dataset"),
     pytest.param(_set("defaults", "student", "lrr", value=0.1), "defaults.student.lrr",
-                 ["unknown key 'lrr'", "did you mean 'lr'", "allowed: epochs, batch_size, lr,"], id="typo-key"),
+                 ["unknown key 'lrr'", "did you mean 'lr'", "allowed: init, epochs, batch_size, lr,"], id="typo-key"),
     pytest.param(_set("resourcs", value={}), "resourcs", ["did you mean 'resources'"], id="typo-top-level"),
     pytest.param(_set("defaults", "methods", "kd", "temprature", value=2), "defaults.methods.kd.temprature",
                  ["unknown kd param 'temprature'", "did you mean 'temperature'", "allowed: temperature, kd_weight"], id="typo-method-param"),
