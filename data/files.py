@@ -17,6 +17,14 @@ filesystem), against a fraction of a millisecond per plan from the cache beside 
 read-only (shared data sets) the cache is ``$XDG_CACHE_HOME/kdbench/fingerprints.json`` (default
 ``~/.cache``), and where neither can be written the fingerprint is computed each time. The digits
 file (57 kB) is hashed each time: that takes less than reading a cache.
+
+The ImageNet-family folders (``data/layouts.py`` lists their files) are fingerprinted the same way,
+one line per image and label file, paths relative to the data-set folder (so moving the folder, or
+pointing the root at it or at its parent, keeps the hash), cached in the data-set folder itself.
+ImageNet is the exception: hashing its 1.28M files (140 GB) would take many minutes for each new
+cache entry and its cache would be an 80 MB JSON file, so ``imagenet`` hashes each file's
+(relative path, size) only, without the cache (stat-ing the files is what a cache check costs
+anyway). An edit that keeps a file's size goes unseen there; the official files never change.
 """
 from __future__ import annotations
 
@@ -30,6 +38,7 @@ from pathlib import Path
 from typing import IO, Callable, TypeVar
 
 from data.errors import DatasetCorruptError, DatasetNotFoundError, one_line
+from data.layouts import scan
 
 OFFICIAL_PAGE = "https://www.cs.toronto.edu/~kriz/cifar.html"
 CACHE_NAME = ".kdbench-fingerprints.json"
@@ -196,10 +205,40 @@ def _digits_fingerprint(name: str, root: str | None) -> str:
         raise DatasetCorruptError(f"{path} cannot be read ({one_line(error)}); reinstall scikit-learn") from error
 
 
+def _folder_fingerprint(name: str, root: str | None) -> str:
+    """Every image and label file of the layout, by content, in the reader's order."""
+    layout = scan(name, root)
+    members = tuple(layout.paths())
+
+    def content() -> str:
+        hashed = {}
+        for member in members:
+            path = layout.folder / member
+            try:
+                with path.open("rb") as stream:
+                    hashed[member] = _size_and_sha256(str(path), stream)
+            except OSError as error:
+                raise DatasetCorruptError(f"{path} cannot be read ({one_line(error)}); check it and its permissions") from error
+        return _combined(hashed, members)
+
+    return _cached(layout.folder, name, [layout.folder / member for member in members], content)
+
+
+def _imagenet_fingerprint(name: str, root: str | None) -> str:
+    """(relative path, size) of every file, in the reader's order: see the module docstring for why not content."""
+    layout = scan(name, root)
+    stats = _stats(layout.folder, [layout.folder / member for member in layout.paths()])
+    return hashlib.sha256("".join(f"{member} {size}\n" for member, size, _ in stats).encode()).hexdigest()
+
+
 FINGERPRINTS: dict[str, Callable[[str, str | None], str]] = {
     "cifar10": _cifar_fingerprint,
     "cifar100": _cifar_fingerprint,
     "digits": _digits_fingerprint,
+    "tinyimagenet": _folder_fingerprint,
+    "imagenette": _folder_fingerprint,
+    "imagefolder": _folder_fingerprint,
+    "imagenet": _imagenet_fingerprint,
 }
 """One entry per data set; a new data set adds its own here, beside its reader module."""
 

@@ -19,14 +19,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from data import cifar, digits
+from data import cifar, digits, imagefolder
 from data.errors import DatasetError
 from data.files import NO_DATA_ROOT, fingerprint
+from data.layouts import folder_facts
 from data.splits import RawSplits, stratified_holdout, stratified_subset
 
 DATA_ROOT_ENV = "KDBENCH_DATA"
 
-_MODULES: tuple[ModuleType, ...] = (digits, cifar)
+_MODULES: tuple[ModuleType, ...] = (digits, cifar, imagefolder)
 _MODULE_OF = {name: module for module in _MODULES for name in module.DATASETS}
 
 
@@ -85,7 +86,7 @@ def load_dataset(
         check_fingerprint(name, root, expected_fingerprint)
     raw = module.read(name, root)
     return _split_and_normalise(
-        name, raw, module.DATASETS[name]["num_classes"], val_fraction, split_seed, subset_size, module.AUGMENT,
+        name, raw, module.DATASETS[name]["num_classes"] or folder_facts(name, root)[0], val_fraction, split_seed, subset_size, module.AUGMENT,
     )
 
 

@@ -26,7 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data import cifar, digits, files
+from data import cifar, digits, files, imagefolder
 from data.augment import RandomCropFlip
 from data.errors import DatasetCorruptError, DatasetError, DatasetNotFoundError
 from data.registry import DatasetSplits, dataset_names, load_dataset
@@ -588,9 +588,9 @@ def test_each_data_set_gets_its_augmentation_and_digits_are_never_mirrored(cifar
 
 
 def test_datasets_literals_are_readable_without_importing_and_match_the_registry() -> None:
-    declared = {name: entry for module in (digits, cifar) for name, entry in _declared(module).items()}
+    declared = {name: entry for module in (digits, cifar, imagefolder) for name, entry in _declared(module).items()}
     assert sorted(declared) == dataset_names() == sorted(files.FINGERPRINTS)
-    for module in (digits, cifar):
+    for module in (digits, cifar, imagefolder):
         assert _declared(module) == module.DATASETS
     for entry in declared.values():
         assert set(entry) == {"num_classes", "image_shape", "needs_root", "summary", "train_images"}
