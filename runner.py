@@ -72,9 +72,9 @@ def preflight(plan: Plan, root: Path, names: list[str]) -> None:
     if not unchecked:
         return
     from pipeline.catalogue import load_catalogue
-    from stages.preflight import check_methods
+    from stages.preflight import check_plan
 
-    check_methods(plan, load_catalogue(), unchecked)
+    check_plan(plan, load_catalogue(), unchecked)
     verdicts.accept(plan, unchecked)
 
 
@@ -311,6 +311,23 @@ def command_layers(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_data(args: argparse.Namespace) -> int:
+    """``data check``: the data set's folder as its reader sees it (layout, classes, images per split,
+    every file decoded), in one screen, before a sweep that reads it is submitted."""
+    from pipeline.catalogue import load_catalogue
+
+    known = load_catalogue().datasets
+    if args.dataset not in known:
+        print(f"error: unknown data set {args.dataset!r}; allowed: {', '.join(sorted(known))}", file=sys.stderr)
+        return 2
+    from data.check import check_data
+
+    root = args.data_root or os.environ.get("KDBENCH_DATA")
+    passed, text = check_data(args.dataset, os.path.abspath(os.path.expanduser(root)) if root else None)
+    print(text)
+    return 0 if passed else 1
+
+
 def command_demo(args: argparse.Namespace) -> int:
     args.sweep, args.out = str(DEMO_SWEEP), None
     started = time.perf_counter()
@@ -387,6 +404,12 @@ def parser() -> argparse.ArgumentParser:
                   "python runner.py layers resnet8x4 --dataset digits")
     sub.add_argument("arch", help="architecture name, e.g. resnet20")
     sub.add_argument("--dataset", default="cifar100", help="data set whose image shape the shapes are for (default: cifar100, 3x32x32)")
+
+    sub = command("data", command_data, "check a data set's folder before submitting: layout, classes, image counts, unreadable files",
+                  "python runner.py data check tinyimagenet --data-root /datasets")
+    sub.add_argument("action", choices=["check"], help="what to do with the data set")
+    sub.add_argument("dataset", help="data set name, e.g. tinyimagenet")
+    sub.add_argument("--data-root", help="folder holding the data set (default: $KDBENCH_DATA)")
 
     sub = command("demo", command_demo, "run the bundled demo sweep (configs/demo.yaml) and print its report", "python runner.py demo")
     sub.add_argument("--max-parallel", type=int, help="stages at once (default: cores / cpus per stage)")

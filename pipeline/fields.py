@@ -11,8 +11,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-TYPES = ("int", "float", "str", "bool", "list")
-_TYPE_NAMES = {"int": "an int", "float": "a number", "str": "a string", "bool": "true or false", "list": "a list"}
+from pipeline.initial_weights import InitValueError, check_init
+
+TYPES = ("int", "float", "str", "bool", "list", "init")
+_TYPE_NAMES = {"int": "an int", "float": "a number", "str": "a string", "bool": "true or false", "list": "a list",
+               "init": "a weights source"}
 
 
 class FieldError(ValueError):
@@ -89,6 +92,11 @@ def _check_type(value: Any, type_name: str) -> Any:
         return float(value)
     if type_name == "str" and isinstance(value, str):
         return value
+    if type_name == "init":
+        try:
+            return check_init(value)
+        except InitValueError as error:
+            raise FieldError(error.problem, error.allowed) from None
     raise FieldError(f"must be {_TYPE_NAMES[type_name]}, got {_describe(value)}")
 
 

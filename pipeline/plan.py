@@ -2,7 +2,8 @@
 
 A stage's hash covers exactly what its output depends on, plus its upstream stages' hashes:
 
-* train_teacher: dataset (name, val_fraction, split_seed, fingerprint), teacher arch, teacher training settings;
+* train_teacher: dataset (name, val_fraction, split_seed, fingerprint), teacher arch, teacher training settings
+  (with ``init``'s identity, not its path: ``pipeline/initial_weights.py``);
   ``data.subset_size`` reaches only the student (few-data distillation from a fully trained teacher),
   and only when set, so sweeps without it keep their hashes;
 * pretrain_paraphraser: teacher hash, method name and the params its pre-stage declares;
@@ -38,6 +39,7 @@ from pipeline.catalogue import (
 )
 from pipeline.graph import Experiment, Plan, StageSpec
 from pipeline.hashing import content_hash
+from pipeline.initial_weights import hashed_init, resolve_init
 from pipeline.sweep import Sweep, SweepError, load_sweep
 from pipeline.sweep_schema import RUNTIME_KEYS, SECTIONS
 
@@ -103,11 +105,13 @@ class _GraphBuilder:
         uses_teacher = any(part.uses_teacher for part in parts)
         pre_staged = self._pre_staged_part(values, parts, params)
 
+        teacher_training, teacher_hashed = self._training(sections["teacher"], "teacher")
         teacher = self._stage(
             "teacher", "train_teacher", [dataset_name, teacher_arch],
-            settings={"dataset": dataset, "arch": teacher_arch, "training": _hashed_training(sections["teacher"])},
+            settings={"dataset": dataset, "arch": teacher_arch, "training": teacher_training},
             upstream={},
             runtime=self._runtime(sections["teacher"]),
+            hashed={"dataset": dataset, "arch": teacher_arch, "training": teacher_hashed},
         )
         evaluation = {"dataset": dataset, "batch_size": sections["evaluate"]["batch_size"]}
         evaluation_runtime = {"data_root": self.sweep.data_root, "device": sections["evaluate"]["device"]}
@@ -132,16 +136,14 @@ class _GraphBuilder:
         if paraphraser is not None:
             student_upstream["paraphraser"] = paraphraser
         run = [dataset_name, student_arch, values["method"], f"s{seed}"]
+        student_training, student_hashed = self._training(sections["student"], "student")
+        student_settings = {"dataset": student_dataset, "arch": student_arch, "method": student_method}
         student = self._stage(
             "student", "train_student", run,
-            settings={
-                "dataset": student_dataset,
-                "arch": student_arch,
-                "training": {**_hashed_training(sections["student"]), "seed": seed},
-                "method": student_method,
-            },
+            settings={**student_settings, "training": {**student_training, "seed": seed}},
             upstream=student_upstream,
             runtime=self._runtime(sections["student"]),
+            hashed={**student_settings, "training": {**student_hashed, "seed": seed}},
         )
         evaluate = self._stage(
             "evaluate", "evaluate", run,
@@ -191,6 +193,29 @@ class _GraphBuilder:
                 if owner in params:
                     params[owner][param] = value
         return sections, {part.name: {key: params[part.name][key] for key in part.params} for part in parts}
+
+    def _training(self, section: Mapping[str, Any], role: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A training section as its stage reads it, and the part of it that goes into the hash.
+
+        The stage reads a resolved ``init`` (absolute paths, a checkpoint's sha256); the hash takes
+        what the weights are, not where they lie. Scratch and a ``backbone_lr_scale`` of 1 are left
+        out of the hash, so stages planned before these keys existed keep their hashes; so is every
+        training setting of a teacher that trains 0 epochs (it is its imported weights).
+        """
+        training = _hashed_training(section)
+        hashed = {key: value for key, value in training.items() if key != "init"}
+        if hashed.get("backbone_lr_scale") == 1.0:
+            del hashed["backbone_lr_scale"]
+        try:
+            resolved = resolve_init(training.pop("init"), os.path.dirname(self.sweep.path))
+        except OSError as error:
+            raise SweepError(self.sweep.path, f"{role}.init", f"cannot read the checkpoint: {error}") from None
+        if resolved is not None:
+            training["init"] = resolved
+            hashed["init"] = hashed_init(resolved)
+            if training["epochs"] == 0:
+                hashed = {"epochs": 0, "init": hashed["init"]}
+        return training, hashed
 
     def _fingerprint(self, dataset_name: str) -> str:
         """The data set's fingerprint under the sweep's data_root, computed once per plan."""

@@ -24,7 +24,12 @@ LR_SCHEDULES = ("cosine", "step", "constant", "onecycle")
 SEED = Field("int", 0, min=0)
 
 _TRAINING = {
-    "epochs": Field("int", 240, min=1),
+    "init": Field(
+        "init", "scratch",
+        help="scratch, {torchvision: WEIGHTS_NAME} (optionally with file: PATH) or {checkpoint: PATH}: the "
+             "starting weights (pipeline/initial_weights.py); never downloaded",
+    ),
+    "epochs": Field("int", 240, min=0, help="0 (teacher only, with init other than scratch): use the imported weights as they are"),
     "batch_size": Field("int", 64, min=1),
     "lr": Field("float", 0.05, min=0.0),
     "optimizer": Field("str", "sgd", choices=OPTIMIZERS),
@@ -47,6 +52,10 @@ _TRAINING = {
     ),
     "gamma": Field("float", 0.1, min=0.0, max=1.0, help="step schedule: factor of each lr drop"),
     "label_smoothing": Field("float", 0.0, min=0.0, max=1.0),
+    "backbone_lr_scale": Field(
+        "float", 1.0, min=0.0,
+        help="fine-tuning: every layer but the classifier (fc) trains at lr x this (the feature-only KD recipe: 0.01)",
+    ),
     "augment": Field("bool", True),
     "device": Field("str", "auto", choices=DEVICES),
     "amp": Field("bool", False),

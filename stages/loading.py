@@ -1,6 +1,6 @@
 """Reading a stage's inputs: its data set, and the trained models its upstream stages left behind.
 
-final.pt / best.pt of a training stage hold ``{"arch", "num_classes", "in_channels", "model",
+final.pt / best.pt of a training stage hold ``{"arch", "num_classes", "image_shape", "model",
 "method", "method_record"}`` so that any later stage can rebuild the network without the sweep that made it.
 """
 from __future__ import annotations
@@ -16,9 +16,11 @@ from torch import nn
 from data.registry import DatasetSplits, load_dataset
 from distill.base import MethodContext
 from distill.composition import build_method, changes_deployment
+from models.pretrained import InitialWeightsError, load_initial_weights
 from models.registry import build_model
+from pipeline.initial_weights import checkpoint_sha256
 from pipeline.plan import StageSpec
-from stages.files import load_torch
+from stages.files import StageError, load_torch
 
 
 def load_stage_data(spec: StageSpec) -> DatasetSplits:
@@ -34,8 +36,26 @@ def load_stage_data(spec: StageSpec) -> DatasetSplits:
     )
 
 
-def new_classifier(arch: str, data: DatasetSplits) -> nn.Module:
-    return build_model(arch, num_classes=data.num_classes, in_channels=data.image_shape[0])
+def new_classifier(
+    arch: str, data: DatasetSplits, init: Mapping[str, Any] | None = None
+) -> tuple[nn.Module, dict[str, Any] | None]:
+    """``arch`` for ``data``, freshly initialised or holding the weights ``init`` imports (a resolved
+    sweep init), and what was imported for the log (None when nothing was).
+
+    A checkpoint whose bytes changed since the plan hashed them is refused: the stage's folder is
+    named after the weights the plan saw.
+    """
+    model = build_model(arch, num_classes=data.num_classes, image_shape=tuple(data.image_shape))
+    if init is None:
+        return model, None
+    if "sha256" in init and checkpoint_sha256(init["checkpoint"]) != init["sha256"]:
+        raise StageError(f"checkpoint {init['checkpoint']} changed since the sweep was planned (its sha256 is no "
+                         f"longer {init['sha256'][:12]}); plan the sweep again")
+    try:
+        imported = load_initial_weights(model, arch, init, tuple(data.image_shape))
+    except InitialWeightsError as error:
+        raise StageError(str(error)) from None
+    return model, {"source": imported.source, "file": imported.file, "new_head": imported.new_head}
 
 
 def model_state(
@@ -47,7 +67,7 @@ def model_state(
     return {
         "arch": arch,
         "num_classes": data.num_classes,
-        "in_channels": data.image_shape[0],
+        "image_shape": tuple(data.image_shape),
         "model": model.state_dict(),
         "method": None if method is None else method.state_dict(),
         "method_record": None if method_record is None else dict(method_record),
@@ -65,6 +85,14 @@ def method_context_record(context: MethodContext) -> dict[str, Any]:
     }
 
 
+def _image_shape(saved: Mapping[str, Any]) -> tuple[int, int, int]:
+    """The image shape a saved model was built for. Files written before architectures chose their
+    stem by input size hold only ``in_channels``; they are all CIFAR ResNets, which ignore the side."""
+    if "image_shape" in saved:
+        return tuple(saved["image_shape"])
+    return (saved["in_channels"], 32, 32)
+
+
 @dataclass(frozen=True)
 class TrainedModel:
     arch: str
@@ -75,7 +103,7 @@ def load_classifier(weights_file: Path, device: torch.device) -> TrainedModel:
     """A trained model from a final.pt / best.pt, in eval mode with gradients off: the network as it
     predicts, with its method's modules on top where the method deploys them (simkd)."""
     saved: Mapping[str, Any] = load_torch(weights_file)
-    model = build_model(saved["arch"], num_classes=saved["num_classes"], in_channels=saved["in_channels"])
+    model = build_model(saved["arch"], num_classes=saved["num_classes"], image_shape=_image_shape(saved))
     model.load_state_dict(saved["model"])
     record = saved.get("method_record")
     if record is not None and changes_deployment(record["settings"]):

@@ -1,24 +1,29 @@
-"""Checks a plan's method settings against the real feature-map shapes before anything is submitted.
+"""Checks what the planner cannot without torch, before anything is submitted.
 
-The planner validates keys, types and ranges without torch; whether a Tucker rank fits a tensor or
-FT's taps line up depends on the models' tap shapes, which need torch. ``submit`` runs this first,
-so such a mistake is refused in one line instead of failing hours later, after the teacher trained.
+The planner validates keys, types and ranges; whether a Tucker rank fits a tensor or FT's taps line
+up depends on the models' tap shapes, and whether a checkpoint or torchvision weights file is there
+and fits the architecture needs the file read. ``submit`` runs this first, so such a mistake is
+refused in one line instead of failing hours later, after the teacher trained.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable
 
+import torch
+
 from distill.base import MethodConfigError, MethodContext
 from distill.composition import check_method
-from models.registry import tap_shapes
+from models.pretrained import InitialWeightsError, fit_initial_state
+from models.registry import build_model, tap_shapes
 from pipeline.catalogue import Catalogue
-from pipeline.plan import Plan
+from pipeline.plan import Plan, StageSpec
 from pipeline.sweep import SweepError
 
 
-def check_methods(plan: Plan, catalogue: Catalogue, names: Iterable[str] | None = None) -> None:
+def check_plan(plan: Plan, catalogue: Catalogue, names: Iterable[str] | None = None) -> None:
     """Raises SweepError naming the sweep file and the key of the first misfit: ``data_root`` for a
-    data set that reads files when none is set, ``methods.<name>.<key>`` for a method setting.
+    data set that reads files when none is set, ``teacher.init``/``student.init`` for starting
+    weights that are missing or do not fit, ``methods.<name>.<key>`` for a method setting.
     ``names`` limits the check to those stages (the ones a submit will run)."""
     checked: set[str] = set()
     for spec in (plan.stages[name] for name in (plan.stages if names is None else names)):
@@ -29,9 +34,11 @@ def check_methods(plan: Plan, catalogue: Catalogue, names: Iterable[str] | None 
                 f"data set {dataset_name} reads files, but neither data_root nor KDBENCH_DATA is set; "
                 "set one to the folder holding its files (on a cluster, a path every node sees)",
             )
+        if spec.kind in ("train_teacher", "train_student") and spec.settings["training"].get("init"):
+            _check_initial_weights(plan, spec, catalogue)
         if spec.kind != "train_student":
             continue
-        dataset = catalogue.datasets[spec.settings["dataset"]["name"]]
+        dataset = catalogue.dataset(spec.settings["dataset"]["name"], spec.runtime.get("data_root"))
         image_shape, num_classes = tuple(dataset.image_shape), dataset.num_classes
         teacher_stage = spec.upstream.get("teacher")
         teacher_arch = plan.stages[teacher_stage].settings["arch"] if teacher_stage else None
@@ -56,3 +63,22 @@ def check_methods(plan: Plan, catalogue: Catalogue, names: Iterable[str] | None 
                 plan.sweep_path, f"methods.{error.key}",
                 f"{error} (pair {pair}, dataset {spec.settings['dataset']['name']})",
             ) from None
+
+
+def _check_initial_weights(plan: Plan, spec: StageSpec, catalogue: Catalogue) -> None:
+    """The stage's ``init`` file is there and fits its architecture (on the meta device: no memory)."""
+    role = "teacher" if spec.kind == "train_teacher" else "student"
+    training, arch = spec.settings["training"], spec.settings["arch"]
+    dataset = catalogue.dataset(spec.settings["dataset"]["name"], spec.runtime.get("data_root"))
+    with torch.device("meta"):
+        model = build_model(arch, dataset.num_classes, tuple(dataset.image_shape))
+    try:
+        imported = fit_initial_state(model, arch, training["init"], tuple(dataset.image_shape))
+    except InitialWeightsError as error:
+        raise SweepError(plan.sweep_path, f"{role}.init", str(error)) from None
+    if imported.new_head and training["epochs"] == 0:
+        raise SweepError(
+            plan.sweep_path, f"{role}.epochs",
+            f"0 uses the {imported.source} weights as they are, but their classifier does not fit data set "
+            f"{dataset.name}'s {dataset.num_classes} classes; fine-tune (epochs >= 1) so the new head trains",
+        )

@@ -22,7 +22,7 @@ from stages.loading import (
     model_state,
     new_classifier,
 )
-from stages.training import ComputeTerms, EpochLoop, TrainingSettings, training_outputs
+from stages.training import ComputeTerms, EpochLoop, TrainingSettings, backbone_lr_scales, training_outputs
 
 
 def distillation_terms(student: nn.Module, teacher: nn.Module | None, method: Method) -> ComputeTerms:
@@ -63,7 +63,8 @@ def run(stage: StageRun) -> None:
     arch = spec.settings["arch"]
 
     torch.manual_seed(settings.seed)
-    student = new_classifier(arch, data).to(device)
+    student, imported = new_classifier(arch, data, training.get("init"))
+    student = student.to(device)
     trained_teacher = load_classifier(upstream["teacher"].final_weights, device) if "teacher" in upstream else None
     teacher = trained_teacher.model if trained_teacher else None
     image_shape = tuple(data.image_shape)
@@ -84,12 +85,13 @@ def run(stage: StageRun) -> None:
     method_record = {"settings": spec.settings["method"], "context": method_context_record(context)}
     log = EpochLoop(
         stage=stage,
-        record=stage.record(settings.seed),
+        record={**stage.record(settings.seed), "initial_weights": imported},
         modules=nn.ModuleDict({"model": student, "method": method}),
         compute_terms=distillation_terms(student, teacher, method),
         data=data,
         settings=settings,
         classifier=deployed,
         saved_state=lambda: model_state(arch, data, student, method, method_record),
+        lr_scales=backbone_lr_scales("model", training.get("backbone_lr_scale", 1.0)),
     ).run()
     stage.finish(log, training_outputs(stage.folders), plots=True)

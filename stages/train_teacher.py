@@ -1,4 +1,9 @@
-"""Stage 1: train a teacher with cross-entropy; students and paraphrasers read its weights."""
+"""Stage 1: train a teacher with cross-entropy; students and paraphrasers read its weights.
+
+A teacher may start from imported weights (``init``) and fine-tune them, its backbone at a fraction
+of the lr (``backbone_lr_scale``), or train 0 epochs: its final.pt is then the imported network as
+it is, and the evaluate stage scores it like any other.
+"""
 from __future__ import annotations
 
 import torch
@@ -7,7 +12,7 @@ from torch import nn
 
 from stages.context import StageRun
 from stages.loading import load_stage_data, model_state, new_classifier
-from stages.training import EpochLoop, TrainingSettings, training_outputs
+from stages.training import EpochLoop, TrainingSettings, backbone_lr_scales, training_outputs
 
 
 def run(stage: StageRun) -> None:
@@ -16,7 +21,8 @@ def run(stage: StageRun) -> None:
     settings = TrainingSettings.from_settings(training, seed=training["seed"])
     data = load_stage_data(spec)
     torch.manual_seed(settings.seed)
-    model = new_classifier(spec.settings["arch"], data).to(device)
+    model, imported = new_classifier(spec.settings["arch"], data, training.get("init"))
+    model = model.to(device)
     label_smoothing = float(training["label_smoothing"])
 
     def compute_terms(
@@ -27,12 +33,13 @@ def run(stage: StageRun) -> None:
 
     log = EpochLoop(
         stage=stage,
-        record=stage.record(settings.seed),
+        record={**stage.record(settings.seed), "initial_weights": imported},
         modules=nn.ModuleDict({"model": model}),
         compute_terms=compute_terms,
         data=data,
         settings=settings,
         classifier=model,
         saved_state=lambda: model_state(spec.settings["arch"], data, model),
+        lr_scales=backbone_lr_scales("model", training.get("backbone_lr_scale", 1.0)),
     ).run()
     stage.finish(log, training_outputs(stage.folders), plots=True)

@@ -11,6 +11,7 @@ cannot drift apart. Resumability rests on two choices:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -144,7 +145,7 @@ def _cosine_anneal(start: float, end: float, pct: float) -> float:
     return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
 
 
-def build_optimizer(parameters: Iterable[nn.Parameter], settings: TrainingSettings) -> torch.optim.Optimizer:
+def build_optimizer(parameters: Iterable[nn.Parameter] | list[dict[str, Any]], settings: TrainingSettings) -> torch.optim.Optimizer:
     """The stage's optimiser at ``settings.lr``; the loop sets each step's lr from ``learning_rate``.
 
     adamw's weight decay is torch's decoupled one, lion's (lion-pytorch) the same: both shrink the
@@ -162,6 +163,32 @@ def build_optimizer(parameters: Iterable[nn.Parameter], settings: TrainingSettin
         betas = settings.betas or (0.9, 0.99)
         return Lion(parameters, lr=settings.lr, betas=betas, weight_decay=settings.weight_decay)
     raise ValueError(f"unknown optimizer {settings.optimizer!r}; allowed: sgd, adamw, lion")
+
+
+def parameter_groups(modules: nn.Module, lr_scales: Mapping[str, float]) -> list[dict[str, Any]]:
+    """The trainable parameters of ``modules`` in one optimiser group per lr scale.
+
+    ``lr_scales`` maps module paths to a factor on the scheduled lr; a parameter takes the factor of
+    the longest path it lies under (``{"model": 0.01, "model.fc": 1.0}``: the backbone at 1% and the
+    classifier at full lr), else 1. Each group carries its ``lr_scale`` for the loop, which sets every
+    step's lr, and in the optimiser's state, so a resumed run keeps it.
+    """
+    groups: dict[float, list[nn.Parameter]] = {}
+    for name, parameter in modules.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        owners = [path for path in lr_scales if name == path or name.startswith(f"{path}.")]
+        scale = float(lr_scales[max(owners, key=len)]) if owners else 1.0
+        groups.setdefault(scale, []).append(parameter)
+    return [{"params": parameters, "lr_scale": scale} for scale, parameters in groups.items()]
+
+
+def backbone_lr_scales(model_path: str, backbone_lr_scale: float) -> dict[str, float]:
+    """``lr_scales`` for fine-tuning the model at ``model_path``: its classifier (``fc``) at the full lr,
+    the rest at ``backbone_lr_scale``; nothing at all when that is 1."""
+    if backbone_lr_scale == 1.0:
+        return {}
+    return {model_path: backbone_lr_scale, f"{model_path}.fc": 1.0}
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -219,6 +246,7 @@ class EpochLoop:
     The stage's ``amp`` runs the forward passes under bfloat16 autocast (CUDA only; bfloat16 needs
     no loss scaler, so the optimiser step and the checkpoint stay exactly as without it). Every
     epoch starts by refreshing the stage's lease, so a runner that lost it writes nothing more.
+    ``lr_scales`` (``parameter_groups``) train parts of ``modules`` at a fraction of the scheduled lr.
     """
 
     stage: StageRun
@@ -229,6 +257,7 @@ class EpochLoop:
     settings: TrainingSettings
     classifier: nn.Module | None
     saved_state: Callable[[], dict[str, Any]]
+    lr_scales: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def folders(self) -> StageFolders:
@@ -239,8 +268,7 @@ class EpochLoop:
         return self.stage.device
 
     def run(self) -> dict[str, Any]:
-        parameters = [parameter for parameter in self.modules.parameters() if parameter.requires_grad]
-        optimizer = build_optimizer(parameters, self.settings)
+        optimizer = build_optimizer(parameter_groups(self.modules, self.lr_scales), self.settings)
         log = dict(self.record, epochs=[], best_epoch=None, status="running", resumed_after_epochs=[])
         best_val = -1.0
         start_epoch = 0
@@ -295,8 +323,10 @@ class EpochLoop:
                         "lower the learning rate or this term's weight"
                     )
                 term_sums[name] = term_sums.get(name, 0.0) + value.item() * len(labels)
+            rate = learning_rate(self.settings, epoch, step, steps_per_epoch)
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(self.settings, epoch, step, steps_per_epoch)
+                # A checkpoint written before lr scales existed has groups without one.
+                group["lr"] = rate * group.get("lr_scale", 1.0)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()
