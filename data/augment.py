@@ -3,8 +3,9 @@
 A whole batch is cropped with one gather (pad once, then pick each image's pixels by flat index
 from its own row and column offsets), so the cost is a few tensor operations whatever the batch
 size, with no Python loop over images. Every random number comes from the generator passed in,
-so an epoch's augmentation is replayed exactly from its seed after a requeue. Images arrive
-already normalised, so the zero padding is the training split's mean colour.
+so an epoch's augmentation is replayed exactly from its seed after a requeue. Images arrive as
+uint8, before normalisation, so the zero padding is black, as in torchvision's ``RandomCrop(padding=4)``
+on the PIL image in RepDistiller's CIFAR pipeline.
 """
 from __future__ import annotations
 

@@ -52,7 +52,7 @@ def read(name: str, root: str | None) -> RawSplits:
         raise DatasetCorruptError(
             f"{path} is not scikit-learn's digits file (rows of 64 pixels and a label); reinstall scikit-learn"
         )
-    images = rows[:, :-1].reshape(-1, 1, 8, 8).astype(np.float32)
+    images = rows[:, :-1].reshape(-1, 1, 8, 8).astype(np.uint8)
     labels = rows[:, -1].astype(np.int64)
     train, test = stratified_holdout(labels, TEST_FRACTION, TEST_SPLIT_SEED)
     return RawSplits(images[train], labels[train], images[test], labels[test])

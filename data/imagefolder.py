@@ -8,6 +8,9 @@ decoders release the GIL. ImageNet itself (1.28M images, 190 GB as uint8 at 224 
 in memory: it is refused here above ``IMAGENET_IN_MEMORY`` training images and will stream
 instead; smaller cuts of it (tests, quick runs) read like the rest.
 
+Each is ``prepared``: a ``prepare_data`` stage decodes the folder once into a uint8 tensor file that
+every stage of every sweep on the same files reads (``stages/prepare_data.py``).
+
 The ``imagefolder`` entry declares ``num_classes`` and ``train_images`` as 0: they are whatever the
 folder holds, so the planner reads them with ``data.layouts.folder_facts`` at plan time.
 """
@@ -35,6 +38,7 @@ DATASETS = {
         "num_classes": 200,
         "image_shape": [3, 64, 64],
         "needs_root": True,
+        "prepared": True,
         "train_images": 100000,
         "summary": "Tiny ImageNet: 100,000 train / 10,000 labelled val (our test) 64x64 images, 200 classes "
                    "(tiny-imagenet-200/)",
@@ -43,6 +47,7 @@ DATASETS = {
         "num_classes": 10,
         "image_shape": [3, 160, 160],
         "needs_root": True,
+        "prepared": True,
         "train_images": 9469,
         "summary": "Imagenette (fastai imagenette2, -320 or -160): 9,469 train / 3,925 val (our test) images, "
                    "10 ImageNet classes, shorter side scaled to 160 and centre-cropped",
@@ -51,6 +56,7 @@ DATASETS = {
         "num_classes": 1000,
         "image_shape": [3, 224, 224],
         "needs_root": True,
+        "prepared": True,
         "train_images": 1281167,
         "summary": "ImageNet ILSVRC-2012: 1,281,167 train / 50,000 val (our test, re-foldered val/<wnid>/) images, "
                    "1000 classes, 224x224 centre crops",
@@ -59,6 +65,7 @@ DATASETS = {
         "num_classes": 0,
         "image_shape": [3, 64, 64],
         "needs_root": True,
+        "prepared": True,
         "train_images": 0,
         "summary": "any root/train/<class>/* and root/val/<class>/* image folder (val is our test), 64x64 centre "
                    "crops; classes and image counts come from the folder",

@@ -1,4 +1,4 @@
-"""Loading a data set by name as normalised in-memory tensors with train, validation and test splits.
+"""Loading a data set by name as in-memory uint8 tensors with train, validation and test splits.
 
 A data set lives in a module of this package holding ``DATASETS`` (a literal the planner reads
 without importing torch), ``AUGMENT`` (its batched training augmentation) and
@@ -33,14 +33,17 @@ _MODULE_OF = {name: module for module in _MODULES for name in module.DATASETS}
 
 @dataclass(frozen=True, eq=False)
 class DatasetSplits:
-    """A data set ready for training: images float32 (N, C, H, W) normalised per channel with the
-    training split's mean and std (kept in ``channel_mean``/``channel_std`` to undo it), labels int64.
-    With a ``subset_size`` the training tensors hold only the subset, but the statistics stay the
-    whole training split's: the teacher, trained on all of it, then sees its inputs normalised as
-    in its own training, and the validation and test tensors do not change with the subset.
+    """A data set ready for training: images uint8 (N, C, H, W) as the files hold them, labels int64.
 
-    ``augment(images, generator)`` is the data set's training augmentation for a batch of these
-    images. The validation tensors are empty when ``val_fraction`` is 0.
+    Images stay uint8 in memory (a quarter of float32's bytes: CIFAR-100's training split is 150 MB)
+    and are turned into float32 one batch at a time by ``normalise``, with the training split's
+    per-channel mean and std (``channel_mean``/``channel_std``, in pixel units). With a
+    ``subset_size`` the training tensors hold only the subset, but the statistics stay the whole
+    training split's: the teacher, trained on all of it, then sees its inputs normalised as in its
+    own training, and the validation and test tensors do not change with the subset.
+
+    ``augment(images, generator)`` is the data set's training augmentation for a batch of uint8
+    images, applied before ``normalise``. The validation tensors are empty when ``val_fraction`` is 0.
     """
 
     train_images: Tensor
@@ -55,9 +58,36 @@ class DatasetSplits:
     channel_std: tuple[float, ...]
     augment: Callable[[Tensor, torch.Generator], Tensor]
 
+    def normalise(self, images: Tensor) -> Tensor:
+        """A batch of uint8 images as float32, per channel ``(x - mean) / std``, on the batch's device."""
+        mean = torch.tensor(self.channel_mean, device=images.device)[:, None, None]
+        std = torch.tensor(self.channel_std, device=images.device)[:, None, None]
+        return images.float().sub_(mean).div_(std)
+
 
 def dataset_names() -> list[str]:
     return sorted(_MODULE_OF)
+
+
+def _module(name: str) -> ModuleType:
+    if name not in _MODULE_OF:
+        raise KeyError(f"unknown data set {name!r}; allowed: {', '.join(dataset_names())}")
+    return _MODULE_OF[name]
+
+
+def read_official_parts(name: str, root: str | None, expected_fingerprint: str | None = None) -> RawSplits:
+    """The official training and test parts of ``name`` as its files under ``root`` (None: env
+    ``KDBENCH_DATA``) hold them, uint8.
+
+    With ``expected_fingerprint`` (what the plan hashed), files that fingerprint otherwise are
+    refused before they are read: a stage must not write results for other data into a folder
+    named after this data.
+    """
+    module = _module(name)
+    root = root or os.environ.get(DATA_ROOT_ENV) or None
+    if expected_fingerprint is not None:
+        check_fingerprint(name, root, expected_fingerprint)
+    return module.read(name, root)
 
 
 def load_dataset(
@@ -67,25 +97,24 @@ def load_dataset(
     split_seed: int,
     expected_fingerprint: str | None = None,
     subset_size: int | None = None,
+    official_parts: RawSplits | None = None,
 ) -> DatasetSplits:
-    """Read ``name`` from ``root`` (None: env ``KDBENCH_DATA``) and hold out a seeded, stratified
-    ``val_fraction`` of its training part for validation; with ``subset_size``, train on a seeded,
-    stratified subset of that many images of the rest (``data/splits.py``, same ``split_seed``).
-
-    With ``expected_fingerprint`` (what the plan hashed), files that fingerprint otherwise are
-    refused before they are read: a stage must not write results for other data into a folder
-    named after this data.
+    """``name``'s official parts (``read_official_parts``, or ``official_parts`` when a
+    ``prepare_data`` stage decoded them already) with a seeded, stratified ``val_fraction`` of the
+    training part held out for validation; with ``subset_size``, training on a seeded, stratified
+    subset of that many images of the rest (``data/splits.py``, same ``split_seed``).
     """
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise KeyError(f"unknown data set {name!r}; allowed: {', '.join(dataset_names())}")
+    module = _module(name)
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     root = root or os.environ.get(DATA_ROOT_ENV) or None
-    if expected_fingerprint is not None:
-        check_fingerprint(name, root, expected_fingerprint)
-    raw = module.read(name, root)
-    return _split_and_normalise(
+    if official_parts is None:
+        raw = read_official_parts(name, root, expected_fingerprint)
+    else:
+        if expected_fingerprint is not None:
+            check_fingerprint(name, root, expected_fingerprint)
+        raw = official_parts
+    return _split(
         name, raw, module.DATASETS[name]["num_classes"] or folder_facts(name, root)[0], val_fraction, split_seed, subset_size, module.AUGMENT,
     )
 
@@ -115,7 +144,7 @@ def _training_subset(name: str, labels: np.ndarray, train: np.ndarray, subset_si
     return stratified_subset(labels[train], train, subset_size, seed)
 
 
-def _split_and_normalise(
+def _split(
     name: str,
     raw: RawSplits,
     num_classes: int,
@@ -125,29 +154,47 @@ def _split_and_normalise(
     augment: Callable[[Tensor, torch.Generator], Tensor],
 ) -> DatasetSplits:
     train, val = stratified_holdout(raw.train_labels, val_fraction, split_seed)
-    train_images = torch.tensor(raw.train_images[train], dtype=torch.float32)
-    variance, mean = torch.var_mean(train_images, dim=(0, 2, 3), correction=0)
-    std = variance.sqrt()
+    mean, std = _channel_statistics(raw.train_images, train)
     if subset_size is not None:
-        kept = _training_subset(name, raw.train_labels, train, subset_size, split_seed)
-        train, train_images = train[kept], train_images[torch.from_numpy(kept)]
+        train = train[_training_subset(name, raw.train_labels, train, subset_size, split_seed)]
 
-    def normalised(images: Tensor) -> Tensor:
-        return images.sub_(mean[:, None, None]).div_(std[:, None, None])
+    def images(values: np.ndarray) -> Tensor:
+        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.uint8))
 
     def labels(values: np.ndarray) -> Tensor:
         return torch.tensor(values, dtype=torch.int64)
 
     return DatasetSplits(
-        train_images=normalised(train_images),
+        train_images=images(raw.train_images[train]),
         train_labels=labels(raw.train_labels[train]),
-        val_images=normalised(torch.tensor(raw.train_images[val], dtype=torch.float32)),
+        val_images=images(raw.train_images[val]),
         val_labels=labels(raw.train_labels[val]),
-        test_images=normalised(torch.tensor(raw.test_images, dtype=torch.float32)),
+        test_images=images(raw.test_images),
         test_labels=labels(raw.test_labels),
         num_classes=num_classes,
         image_shape=tuple(raw.train_images.shape[1:]),
-        channel_mean=tuple(mean.tolist()),
-        channel_std=tuple(std.tolist()),
+        channel_mean=mean,
+        channel_std=std,
         augment=augment,
     )
+
+
+_STATISTICS_CHUNK = 4096
+"""Images per float64 chunk of the channel statistics: bounded memory whatever the split's size."""
+
+
+def _channel_statistics(images: np.ndarray, rows: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (population) std of ``images[rows]`` in pixel units, summed in float64
+    chunk by chunk, so that a 100,000-image split never exists as floats all at once."""
+    total = np.zeros(images.shape[1])
+    squares = np.zeros(images.shape[1])
+    for start in range(0, len(rows), _STATISTICS_CHUNK):
+        chunk = images[np.sort(rows[start : start + _STATISTICS_CHUNK])].astype(np.float64)
+        total += chunk.sum(axis=(0, 2, 3))
+        squares += np.square(chunk).sum(axis=(0, 2, 3))
+    count = max(len(rows), 1) * images.shape[2] * images.shape[3]
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - np.square(mean), 0.0))
+    # A channel without spread (flat synthetic images) is only centred: dividing by 0 would give NaN.
+    std = np.where(std > 0.0, std, 1.0)
+    return tuple(mean.tolist()), tuple(std.tolist())

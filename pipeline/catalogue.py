@@ -83,7 +83,10 @@ class Architecture:
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """``train_images``: the size of the official training part, before the validation hold-out."""
+    """``train_images``: the size of the official training part, before the validation hold-out.
+    ``prepared``: its images are decoded once, by a ``prepare_data`` stage that every stage reading
+    the data set shares, instead of by each stage (folders of JPEGs; CIFAR's and the digits' files
+    already hold the pixel arrays)."""
 
     name: str
     num_classes: int
@@ -91,6 +94,7 @@ class DatasetSpec:
     needs_root: bool
     summary: str
     train_images: int
+    prepared: bool = False
 
     def training_split_size(self, val_fraction: float, subset_size: int | None = None) -> int:
         """Images a student trains on: the training part less the hold-out (rounded as
@@ -284,7 +288,10 @@ def _dataset(path: Path, name: str, entry: dict) -> DatasetSpec:
     _expect(isinstance(summary, str), path, f"{where}.summary", "must be a string")
     _expect(isinstance(entry.get("train_images"), int) and entry["train_images"] >= 0, path, f"{where}.train_images",
             "must be the number of images of the official training part (0: read from the data folder)")
-    return DatasetSpec(name, entry["num_classes"], tuple(entry["image_shape"]), entry["needs_root"], summary, entry["train_images"])
+    prepared = entry.get("prepared", False)
+    _expect(isinstance(prepared, bool), path, f"{where}.prepared", "must be true or false (default false)")
+    return DatasetSpec(name, entry["num_classes"], tuple(entry["image_shape"]), entry["needs_root"], summary,
+                       entry["train_images"], prepared)
 
 
 def dataset_fingerprint(dataset: DatasetSpec, root: str | None) -> str:

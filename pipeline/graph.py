@@ -68,8 +68,8 @@ class Experiment:
 class Plan:
     """A sweep as a stage graph; ``stages`` is in topological order.
 
-    The order is teachers, teacher evaluations, paraphrasers, students, student evaluations, each
-    group in the order the sweep's combinations first need them.
+    The order is data preparations, teachers, teacher evaluations, paraphrasers, students, student
+    evaluations, each group in the order the sweep's combinations first need them.
     """
 
     sweep_name: str

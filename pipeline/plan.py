@@ -2,6 +2,10 @@
 
 A stage's hash covers exactly what its output depends on, plus its upstream stages' hashes:
 
+* prepare_data (data sets declared ``prepared``: folders of JPEGs): dataset name and fingerprint. It
+  is an upstream of every stage that reads the data set but not part of their hashes: its whole
+  identity, the fingerprint, is in their settings already, and CIFAR sweeps planned before it existed
+  keep their hashes. Splits are not in it: it holds the official parts, shared by every split seed;
 * train_teacher: dataset (name, val_fraction, split_seed, fingerprint), teacher arch, teacher training settings
   (with ``init``'s identity, not its path: ``pipeline/initial_weights.py``);
   ``data.subset_size`` reaches only the student (few-data distillation from a fully trained teacher),
@@ -45,7 +49,7 @@ from pipeline.sweep_schema import RUNTIME_KEYS, SECTIONS
 
 __all__ = ["Experiment", "Plan", "StageSpec", "build_plan", "expand"]
 
-_GROUPS = ("teacher", "teacher_evaluate", "paraphraser", "student", "evaluate")
+_GROUPS = ("data", "teacher", "teacher_evaluate", "paraphraser", "student", "evaluate")
 """Stage groups in the order the plan lists them; the order is topological."""
 
 
@@ -104,6 +108,7 @@ class _GraphBuilder:
         student_method = method_settings(values["method"], parts, params)
         uses_teacher = any(part.uses_teacher for part in parts)
         pre_staged = self._pre_staged_part(values, parts, params)
+        data_stage = self._data_stage(dataset)
 
         teacher_training, teacher_hashed = self._training(sections["teacher"], "teacher")
         teacher = self._stage(
@@ -112,12 +117,13 @@ class _GraphBuilder:
             upstream={},
             runtime=self._runtime(sections["teacher"]),
             hashed={"dataset": dataset, "arch": teacher_arch, "training": teacher_hashed},
+            data=data_stage,
         )
         evaluation = {"dataset": dataset, "batch_size": sections["evaluate"]["batch_size"]}
         evaluation_runtime = {"data_root": self.sweep.data_root, "device": sections["evaluate"]["device"]}
         teacher_evaluate = self._stage(
             "teacher_evaluate", "evaluate", [dataset_name, teacher_arch, "teacher"],
-            settings=evaluation, upstream={"model": teacher}, runtime=evaluation_runtime, hashed={},
+            settings=evaluation, upstream={"model": teacher}, runtime=evaluation_runtime, hashed={}, data=data_stage,
         )
         paraphraser = None
         if pre_staged is not None:
@@ -131,6 +137,7 @@ class _GraphBuilder:
                 upstream={"teacher": teacher},
                 runtime=self._runtime(sections["student"]),
                 hashed={"method": pre_staged.name, "params": pre_stage_params},
+                data=data_stage,
             )
         student_upstream = {"teacher": teacher} if uses_teacher else {}
         if paraphraser is not None:
@@ -144,10 +151,12 @@ class _GraphBuilder:
             upstream=student_upstream,
             runtime=self._runtime(sections["student"]),
             hashed={**student_settings, "training": {**student_hashed, "seed": seed}},
+            data=data_stage,
         )
         evaluate = self._stage(
             "evaluate", "evaluate", run,
             settings=evaluation, upstream={"model": student, "teacher": teacher}, runtime=evaluation_runtime, hashed={},
+            data=data_stage,
         )
         return Experiment(
             dataset=dataset_name,
@@ -217,6 +226,15 @@ class _GraphBuilder:
                 hashed = {"epochs": 0, "init": hashed["init"]}
         return training, hashed
 
+    def _data_stage(self, dataset: Mapping[str, Any]) -> StageSpec | None:
+        """The ``prepare_data`` stage of a ``prepared`` data set (None for the others): one per data
+        set and files, whatever the split, so every sweep on the same files shares it."""
+        if not self.catalogue.datasets[dataset["name"]].prepared:
+            return None
+        settings = {"dataset": {"name": dataset["name"], "fingerprint": dataset["fingerprint"]}}
+        return self._stage("data", "prepare_data", [dataset["name"]], settings=settings, upstream={},
+                           runtime={"data_root": self.sweep.data_root})
+
     def _fingerprint(self, dataset_name: str) -> str:
         """The data set's fingerprint under the sweep's data_root, computed once per plan."""
         if dataset_name not in self.fingerprints:
@@ -236,13 +254,20 @@ class _GraphBuilder:
         upstream: dict[str, StageSpec],
         runtime: dict[str, Any],
         hashed: dict[str, Any] | None = None,
+        data: StageSpec | None = None,
     ) -> StageSpec:
-        """The stage with these settings, made on first use; ``hashed`` defaults to ``settings``."""
+        """The stage with these settings, made on first use; ``hashed`` defaults to ``settings``.
+
+        ``data``, the ``prepare_data`` stage it reads its images from, joins its upstream as role
+        ``data`` without entering its hash (the data set's fingerprint in ``settings`` stands for it).
+        """
         digest = content_hash({
             "kind": kind,
             "settings": settings if hashed is None else hashed,
             "upstream": {role: stage.hash for role, stage in upstream.items()},
         })
+        if data is not None:
+            upstream = {**upstream, "data": data}
         known = self.groups[group].get(digest)
         if known is not None:
             return known

@@ -136,6 +136,11 @@ class StageFolders:
     def best_weights(self) -> Path:
         return self.weights / "best.pt"
 
+    @property
+    def prepared_images(self) -> Path:
+        """A ``prepare_data`` stage's output: the data set's decoded images and labels."""
+        return self.weights / "images.pt"
+
     def is_done(self) -> bool:
         """DONE is there and its files (sizes, and sha256 where the mtime moved) and upstreams match."""
         return self.done_problem() is None and self.done_marker.is_file()
@@ -201,7 +206,7 @@ class StageFolders:
     def discard_outputs(self) -> None:
         """What ``--force`` and ``invalidate`` remove: DONE first, then all a rebuild from scratch rewrites."""
         self.clear_done()
-        for path in (self.checkpoint, self.final_weights, self.best_weights, self.log, self.result):
+        for path in (self.checkpoint, self.final_weights, self.best_weights, self.prepared_images, self.log, self.result):
             path.unlink(missing_ok=True)
 
 

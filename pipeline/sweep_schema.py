@@ -12,7 +12,7 @@ from typing import Mapping
 
 from pipeline.fields import Field
 
-STAGE_KINDS = ("train_teacher", "pretrain_paraphraser", "fit_pca", "train_student", "evaluate")
+STAGE_KINDS = ("prepare_data", "train_teacher", "pretrain_paraphraser", "fit_pca", "train_student", "evaluate")
 TOP_LEVEL_KEYS = ("name", "data_root", "axes", "defaults", "resources")
 NAMED_AXES = ("dataset", "pair", "method", "seed")
 REQUIRED_AXES = ("dataset", "pair", "method")

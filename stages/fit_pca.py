@@ -24,13 +24,13 @@ FIT_BATCH_SIZE = 256
 def run(stage: StageRun) -> None:
     spec, device = stage.spec, stage.device
     taps = list(dict.fromkeys(spec.settings["method"]["params"]["teacher_taps"]))
-    data = load_stage_data(spec)
+    data = load_stage_data(spec, stage.upstream)
     teacher = load_classifier(stage.upstream["teacher"].final_weights, device)
     tapped = FeatureTaps(teacher.model, taps)
     moments = {tap: ChannelMoments() for tap in taps}
     with torch.no_grad():
         for start in range(0, len(data.train_images), FIT_BATCH_SIZE):
-            _, features = tapped(data.train_images[start : start + FIT_BATCH_SIZE].to(device))
+            _, features = tapped(data.normalise(data.train_images[start : start + FIT_BATCH_SIZE].to(device)))
             for tap in taps:
                 moments[tap].add(features[tap])
     fits = {tap: moments[tap].pca() for tap in taps}

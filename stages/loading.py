@@ -20,19 +20,29 @@ from models.pretrained import InitialWeightsError, load_initial_weights
 from models.registry import build_model
 from pipeline.initial_weights import checkpoint_sha256
 from pipeline.plan import StageSpec
+from pipeline.store import StageFolders
 from stages.files import StageError, load_torch
+from stages.prepare_data import load_prepared
 
 
-def load_stage_data(spec: StageSpec) -> DatasetSplits:
+def load_stage_data(spec: StageSpec, upstream: Mapping[str, StageFolders] | None = None) -> DatasetSplits:
     """The stage's data set, refused unless its files are the ones the stage's hash was made from.
 
-    ``subset_size`` is in the settings only of stages that train on a few-data subset (the plan
-    leaves it out when null, so that no other stage's hash moves).
+    A stage with a ``data`` upstream (a ``prepared`` data set) reads the images its
+    ``prepare_data`` stage decoded, from the verified folder in ``upstream``; the others read the
+    data set's files. ``subset_size`` is in the settings only of stages that train on a few-data
+    subset (the plan leaves it out when null, so that no other stage's hash moves).
     """
     dataset = spec.settings["dataset"]
+    official_parts = None
+    if "data" in spec.upstream:
+        if upstream is None or "data" not in upstream:
+            raise StageError(f"{spec.name}: reads data set {dataset['name']} from its prepare_data stage "
+                             f"{spec.upstream['data']}, but was given no upstream folders")
+        official_parts = load_prepared(upstream["data"].prepared_images)
     return load_dataset(
         dataset["name"], spec.runtime.get("data_root"), float(dataset["val_fraction"]), int(dataset["split_seed"]),
-        dataset.get("fingerprint"), subset_size=dataset.get("subset_size"),
+        dataset.get("fingerprint"), subset_size=dataset.get("subset_size"), official_parts=official_parts,
     )
 
 

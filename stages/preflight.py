@@ -11,6 +11,8 @@ from collections.abc import Iterable
 
 import torch
 
+from data.errors import DatasetError
+from data.layouts import check_image_files
 from distill.base import MethodConfigError, MethodContext
 from distill.composition import check_method
 from models.pretrained import InitialWeightsError, fit_initial_state
@@ -23,7 +25,8 @@ from pipeline.sweep import SweepError
 def check_plan(plan: Plan, catalogue: Catalogue, names: Iterable[str] | None = None) -> None:
     """Raises SweepError naming the sweep file and the key of the first misfit: ``data_root`` for a
     data set that reads files when none is set, ``teacher.init``/``student.init`` for starting
-    weights that are missing or do not fit, ``methods.<name>.<key>`` for a method setting.
+    weights that are missing or do not fit, ``data_root`` again for a damaged image file of a
+    data set a ``prepare_data`` stage will decode, ``methods.<name>.<key>`` for a method setting.
     ``names`` limits the check to those stages (the ones a submit will run)."""
     checked: set[str] = set()
     for spec in (plan.stages[name] for name in (plan.stages if names is None else names)):
@@ -34,6 +37,8 @@ def check_plan(plan: Plan, catalogue: Catalogue, names: Iterable[str] | None = N
                 f"data set {dataset_name} reads files, but neither data_root nor KDBENCH_DATA is set; "
                 "set one to the folder holding its files (on a cluster, a path every node sees)",
             )
+        if spec.kind == "prepare_data":
+            _check_image_files(plan, dataset_name, spec.runtime["data_root"])
         if spec.kind in ("train_teacher", "train_student") and spec.settings["training"].get("init"):
             _check_initial_weights(plan, spec, catalogue)
         if spec.kind != "train_student":
@@ -63,6 +68,15 @@ def check_plan(plan: Plan, catalogue: Catalogue, names: Iterable[str] | None = N
                 plan.sweep_path, f"methods.{error.key}",
                 f"{error} (pair {pair}, dataset {spec.settings['dataset']['name']})",
             ) from None
+
+
+def _check_image_files(plan: Plan, dataset_name: str, root: str) -> None:
+    """Every image of a folder data set about to be decoded is whole by its bytes (``data.layouts``):
+    a truncated JPEG is refused now, not when its ``prepare_data`` job reaches it."""
+    try:
+        check_image_files(dataset_name, root)
+    except DatasetError as error:
+        raise SweepError(plan.sweep_path, "data_root", str(error)) from None
 
 
 def _check_initial_weights(plan: Plan, spec: StageSpec, catalogue: Catalogue) -> None:

@@ -6,7 +6,6 @@ result from ``weights/<this stage>/final.pt``.
 """
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
@@ -36,7 +35,7 @@ def run(stage: StageRun) -> None:
          "batch_size": params["paraphraser_batch_size"]},
         seed=PARAPHRASER_SEED,
     )
-    data = load_stage_data(spec)
+    data = load_stage_data(spec, stage.upstream)
     teacher = load_classifier(upstream["teacher"].final_weights, device)
     tap = params["teacher_tap"]
     tap_shape = tap_shapes(teacher.arch, tuple(data.image_shape), data.num_classes)[tap]

@@ -22,7 +22,13 @@ from stages.loading import (
     model_state,
     new_classifier,
 )
-from stages.training import ComputeTerms, EpochLoop, TrainingSettings, backbone_lr_scales, training_outputs
+from stages.training import (
+    ComputeTerms,
+    EpochLoop,
+    TrainingSettings,
+    backbone_lr_scales,
+    training_outputs,
+)
 
 
 def distillation_terms(student: nn.Module, teacher: nn.Module | None, method: Method) -> ComputeTerms:
@@ -59,7 +65,7 @@ def run(stage: StageRun) -> None:
     spec, device, upstream = stage.spec, stage.device, stage.upstream
     training = spec.settings["training"]
     settings = TrainingSettings.from_settings(training, seed=training["seed"])
-    data = load_stage_data(spec)
+    data = load_stage_data(spec, stage.upstream)
     arch = spec.settings["arch"]
 
     torch.manual_seed(settings.seed)

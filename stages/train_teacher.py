@@ -12,14 +12,19 @@ from torch import nn
 
 from stages.context import StageRun
 from stages.loading import load_stage_data, model_state, new_classifier
-from stages.training import EpochLoop, TrainingSettings, backbone_lr_scales, training_outputs
+from stages.training import (
+    EpochLoop,
+    TrainingSettings,
+    backbone_lr_scales,
+    training_outputs,
+)
 
 
 def run(stage: StageRun) -> None:
     spec, device = stage.spec, stage.device
     training = spec.settings["training"]
     settings = TrainingSettings.from_settings(training, seed=training["seed"])
-    data = load_stage_data(spec)
+    data = load_stage_data(spec, stage.upstream)
     torch.manual_seed(settings.seed)
     model, imported = new_classifier(spec.settings["arch"], data, training.get("init"))
     model = model.to(device)

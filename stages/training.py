@@ -214,15 +214,22 @@ def training_batches(
         images = data.train_images[index]
         if settings.augment:
             images = data.augment(images, generator)
-        yield images, data.train_labels[index], index
+        yield data.normalise(images), data.train_labels[index], index
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
-    """Logits of ``model`` on ``images`` in eval mode, on the CPU."""
+def predict(
+    model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device,
+    normalise: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Logits of ``model`` in eval mode, on the CPU, for uint8 ``images`` turned into its inputs by
+    ``normalise`` (``DatasetSplits.normalise``) one batch at a time on ``device``."""
     was_training = model.training
     model.eval()
-    outputs = [model(images[start : start + batch_size].to(device)).float().cpu() for start in range(0, len(images), batch_size)]
+    outputs = [
+        model(normalise(images[start : start + batch_size].to(device))).float().cpu()
+        for start in range(0, len(images), batch_size)
+    ]
     model.train(was_training)
     return torch.cat(outputs) if outputs else torch.empty(0)
 
@@ -345,8 +352,8 @@ class EpochLoop:
         }
         if self.classifier is not None:
             batch = self.settings.batch_size * 4
-            entry["val_acc"] = accuracy(predict(self.classifier, self.data.val_images, batch, self.device), self.data.val_labels)
-            entry["test_acc"] = accuracy(predict(self.classifier, self.data.test_images, batch, self.device), self.data.test_labels)
+            entry["val_acc"] = accuracy(predict(self.classifier, self.data.val_images, batch, self.device, self.data.normalise), self.data.val_labels)
+            entry["test_acc"] = accuracy(predict(self.classifier, self.data.test_images, batch, self.device, self.data.normalise), self.data.test_labels)
         entry["epoch_time_s"] = time.perf_counter() - started
         return entry
 

@@ -199,8 +199,9 @@ class RecordingMethod(Method):
 def test_training_batches_carry_each_samples_index_into_the_batch() -> None:
     size = 11
     data = SimpleNamespace(  # image i is filled with i, its label is i mod 3
-        train_images=torch.arange(size, dtype=torch.float32).view(size, 1, 1, 1).expand(size, 1, 2, 2).clone(),
+        train_images=torch.arange(size, dtype=torch.uint8).view(size, 1, 1, 1).expand(size, 1, 2, 2).clone(),
         train_labels=torch.arange(size) % 3,
+        normalise=torch.Tensor.float,
     )
     settings = SimpleNamespace(batch_size=4, augment=False, seed=3)  # what training_batches reads of TrainingSettings
     method, student = RecordingMethod(), nn.Sequential(nn.Flatten(), nn.Linear(4, 3))

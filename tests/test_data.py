@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from data import cifar, digits, files, imagefolder
 from data.augment import RandomCropFlip
 from data.errors import DatasetCorruptError, DatasetError, DatasetNotFoundError
-from data.registry import DatasetSplits, dataset_names, load_dataset
+from data.registry import dataset_names, load_dataset
 from data.splits import stratified_holdout
 from pipeline.catalogue import load_catalogue
 
@@ -136,11 +136,6 @@ def cifar_roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"folder": folders, "archive": archives, "written": written}
 
 
-def _pixels(images: torch.Tensor, data: DatasetSplits) -> np.ndarray:
-    mean, std = torch.tensor(data.channel_mean), torch.tensor(data.channel_std)
-    return (images * std[:, None, None] + mean[:, None, None]).round().numpy()
-
-
 def _declared(module: ModuleType) -> dict[str, Any]:
     source = Path(module.__file__).read_text()
     assignments = [
@@ -161,7 +156,7 @@ def test_digits_split_sizes_and_types() -> None:
     assert data.num_classes == 10
     for images, labels in ((data.train_images, data.train_labels), (data.val_images, data.val_labels),
                            (data.test_images, data.test_labels)):
-        assert images.dtype == torch.float32 and labels.dtype == torch.int64 and len(images) == len(labels)
+        assert images.dtype == torch.uint8 and labels.dtype == torch.int64 and len(images) == len(labels)
 
 
 def test_digits_splits_are_disjoint_and_cover_every_image() -> None:
@@ -172,7 +167,7 @@ def test_digits_splits_are_disjoint_and_cover_every_image() -> None:
     assert len(index_of) == len(raw.images)
     data = load_dataset("digits", None, 0.2, 5)
     found = [
-        {index_of[image[0].tobytes()] for image in _pixels(images, data).astype(np.float32)}
+        {index_of[image[0].tobytes()] for image in images.numpy().astype(np.float32)}
         for images in (data.train_images, data.val_images, data.test_images)
     ]
     train, val, test = found
@@ -194,14 +189,16 @@ def test_split_seed_repeats_exactly_and_moves_only_the_validation_split() -> Non
     for name in ("train_images", "train_labels", "val_images", "val_labels", "test_images", "test_labels"):
         assert torch.equal(getattr(first, name), getattr(again, name))
     assert not torch.equal(first.val_images, other.val_images)
-    assert np.array_equal(_pixels(first.test_images, first), _pixels(other.test_images, other))
+    assert np.array_equal(first.test_images.numpy(), other.test_images.numpy())
     assert torch.equal(first.test_labels, other.test_labels)
 
 
 def test_training_split_is_normalised_per_channel() -> None:
     data = load_dataset("digits", None, 0.1, 0)
-    assert abs(data.train_images.mean().item()) < 1e-4
-    assert abs(data.train_images.std(correction=0).item() - 1) < 1e-4
+    normalised = data.normalise(data.train_images)
+    assert normalised.dtype == torch.float32
+    assert abs(normalised.mean().item()) < 1e-4
+    assert abs(normalised.std(correction=0).item() - 1) < 1e-4
 
 
 def test_val_fraction_zero_gives_empty_validation_tensors() -> None:
@@ -238,14 +235,15 @@ def test_cifar_reads_the_official_format(cifar_roots: dict[str, Any], name: str,
     written = cifar_roots["written"][name]
     data = load_dataset(name, str(cifar_roots[form]), 0.0, 0)
     assert data.image_shape == (3, 32, 32) and data.num_classes == (10 if name == "cifar10" else 100)
-    assert np.array_equal(_pixels(data.train_images, data), written["train"])
-    assert np.array_equal(_pixels(data.test_images, data), written["test"])
+    assert np.array_equal(data.train_images.numpy(), written["train"])
+    assert np.array_equal(data.test_images.numpy(), written["test"])
     assert np.array_equal(data.train_labels.numpy(), written["train_labels"])
     assert np.array_equal(data.test_labels.numpy(), written["test_labels"])
-    red, green, blue = _pixels(data.test_images[:1], data)[0]
+    red, green, blue = data.test_images[:1].numpy()[0]
     assert red[5, 3] == 3 * 8 and green[5, 3] == 5 * 8 and blue[5, 3] == 200
-    assert data.train_images.mean(dim=(0, 2, 3)).abs().max() < 1e-4
-    assert (data.train_images.std(dim=(0, 2, 3), correction=0) - 1).abs().max() < 1e-4
+    normalised = data.normalise(data.train_images)
+    assert normalised.mean(dim=(0, 2, 3)).abs().max() < 1e-4
+    assert (normalised.std(dim=(0, 2, 3), correction=0) - 1).abs().max() < 1e-4
 
 
 def test_cifar_validation_split_comes_from_the_training_files(cifar_roots: dict[str, Any]) -> None:
@@ -253,7 +251,7 @@ def test_cifar_validation_split_comes_from_the_training_files(cifar_roots: dict[
     assert (len(data.train_labels), len(data.val_labels), len(data.test_labels)) == (80, 20, 20)
     assert torch.bincount(data.val_labels).tolist() == [2] * 10
     train_rows = {row.tobytes() for row in cifar_roots["written"]["cifar10"]["train"]}
-    assert all(image.tobytes() in train_rows for image in _pixels(data.val_images, data).astype(np.uint8))
+    assert all(image.tobytes() in train_rows for image in data.val_images.numpy().astype(np.uint8))
 
 
 def test_data_root_falls_back_to_the_environment(cifar_roots: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -556,6 +554,17 @@ def test_augment_keeps_shape_and_repeats_with_the_same_generator() -> None:
     assert not torch.equal(first, augment(images, torch.Generator().manual_seed(2)))
 
 
+def test_augment_pads_uint8_images_with_black_before_normalisation() -> None:
+    """As torchvision's RandomCrop(32, padding=4) on the PIL image in RepDistiller's CIFAR pipeline:
+    the pixels a shifted crop brings in are 0, not the mean colour."""
+    images = torch.full((64, 3, 8, 8), 200, dtype=torch.uint8)
+    outputs = RandomCropFlip(pad=2, flip=True)(images, torch.Generator().manual_seed(0))
+    assert outputs.dtype == torch.uint8
+    assert set(outputs.unique().tolist()) == {0, 200}
+    shifted = (outputs == 0).flatten(1).any(dim=1)
+    assert 40 <= int(shifted.sum()) < 64  # 24 of the 25 offsets bring in padding
+
+
 def test_crop_offsets_vary_per_image_and_stay_within_the_padding() -> None:
     images = _distinct_images(64, (3, 32, 32))
     outputs = RandomCropFlip(pad=4, flip=False)(images, torch.Generator().manual_seed(0))
@@ -593,7 +602,7 @@ def test_datasets_literals_are_readable_without_importing_and_match_the_registry
     for module in (digits, cifar, imagefolder):
         assert _declared(module) == module.DATASETS
     for entry in declared.values():
-        assert set(entry) == {"num_classes", "image_shape", "needs_root", "summary", "train_images"}
+        assert set(entry) - {"prepared"} == {"num_classes", "image_shape", "needs_root", "summary", "train_images"}
     digits_spec = load_catalogue().datasets["digits"]
     for val_fraction in (0.0, 0.1, 0.25):  # what the planner's preflight counts is what the stage trains on
         assert digits_spec.training_split_size(val_fraction) == len(load_dataset("digits", None, val_fraction, 0).train_labels)

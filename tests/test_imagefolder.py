@@ -49,7 +49,7 @@ def _wnids(count: int) -> list[str]:
     return [f"n{10_000_000 + 7919 * ((index * 37) % count):08d}" for index in range(count)]
 
 
-def _tiny(root: Path, classes: int = 200) -> Path:
+def write_tiny_imagenet(root: Path, classes: int = 200) -> Path:
     """tiny-imagenet-200/ as the official zip extracts: 2 train images a class, 1 val image a class."""
     folder = root / layouts.TINY_FOLDER
     wnids = _wnids(classes)
@@ -69,7 +69,7 @@ def _tiny(root: Path, classes: int = 200) -> Path:
     return folder
 
 
-def _split_folders(folder: Path, wnids: list[str], per_class: int = 1, height: int = 64, width: int = 64) -> Path:
+def write_split_folders(folder: Path, wnids: list[str], per_class: int = 1, height: int = 64, width: int = 64) -> Path:
     ordered = sorted(wnids)
     for part in ("train", "val"):
         for wnid in wnids:
@@ -86,7 +86,7 @@ def _check_colours(images: np.ndarray, labels: np.ndarray) -> None:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _tiny(tmp_path_factory.mktemp("tiny"))
+    return write_tiny_imagenet(tmp_path_factory.mktemp("tiny"))
 
 
 def test_tinyimagenet_reads_sorted_classes_and_annotated_val_labels(tiny: Path) -> None:
@@ -110,8 +110,8 @@ def test_tinyimagenet_reads_sorted_classes_and_annotated_val_labels(tiny: Path) 
 
 def test_imagenette_prefers_160_and_scales_the_shorter_side_then_crops_the_centre(tmp_path: Path) -> None:
     wnids = _wnids(10)
-    _split_folders(tmp_path / "imagenette2", wnids)
-    folder = _split_folders(tmp_path / "imagenette2-160", wnids, height=160, width=240)
+    write_split_folders(tmp_path / "imagenette2", wnids)
+    folder = write_split_folders(tmp_path / "imagenette2-160", wnids, height=160, width=240)
     striped = _flat(_red(0), 200, 320)
     striped[:, :, :40] = torch.tensor([0, 255, 0], dtype=torch.uint8)[:, None, None]
     striped[:, :8, :] = torch.tensor([0, 0, 255], dtype=torch.uint8)[:, None, None]
@@ -131,7 +131,7 @@ def test_imagenette_prefers_160_and_scales_the_shorter_side_then_crops_the_centr
 
 def test_imagefolder_takes_any_classes_and_image_extensions(tmp_path: Path) -> None:
     names = ["dog", "cat", "bird"]
-    _split_folders(tmp_path, names)
+    write_split_folders(tmp_path, names)
     _write(tmp_path / "train" / "cat" / "upper.JPG", _jpeg(0))
     _write(tmp_path / "train" / "cat" / "nested" / "deep.png", encode_png(_flat(_red(0), 20, 30)).numpy().tobytes())
     _write(tmp_path / "train" / "dog" / "notes.txt", b"not an image")
@@ -145,7 +145,7 @@ def test_imagefolder_takes_any_classes_and_image_extensions(tmp_path: Path) -> N
 
 
 def test_imagenet_reads_a_small_cut_and_refuses_the_full_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _split_folders(tmp_path, _wnids(1000), height=32, width=32)
+    write_split_folders(tmp_path, _wnids(1000), height=32, width=32)
     raw = imagefolder.read("imagenet", str(tmp_path))
     assert raw.train_images.shape == (1000, 3, 224, 224) and raw.train_labels.tolist() == list(range(1000))
     monkeypatch.setattr(imagefolder, "IMAGENET_IN_MEMORY", 999)
@@ -157,7 +157,7 @@ def test_imagenet_reads_a_small_cut_and_refuses_the_full_set(tmp_path: Path, mon
 
 
 def test_fingerprint_follows_bytes_not_place(tmp_path: Path) -> None:
-    folder = _tiny(tmp_path / "a", classes=200)
+    folder = write_tiny_imagenet(tmp_path / "a", classes=200)
     first = files.fingerprint("tinyimagenet", str(folder.parent))
     assert files.fingerprint("tinyimagenet", str(folder)) == first
     moved = tmp_path / "b" / "elsewhere"
@@ -172,9 +172,9 @@ def test_fingerprint_follows_bytes_not_place(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "name, build, message",
     [
-        ("tinyimagenet", lambda root: _split_folders(root / "imagenette2", _wnids(10)),
+        ("tinyimagenet", lambda root: write_split_folders(root / "imagenette2", _wnids(10)),
          r"is not the tinyimagenet folder: expected wnids.txt.* found: imagenette2/"),
-        ("imagenette", lambda root: _tiny(root, classes=200), r"imagenette not found under .*found: tiny-imagenet-200/"),
+        ("imagenette", lambda root: write_tiny_imagenet(root, classes=200), r"imagenette not found under .*found: tiny-imagenet-200/"),
         ("imagefolder", lambda root: _write(root / "train" / "a" / "x.png", b""), r"lacks val/ \(found: train/\)"),
     ],
 )
@@ -185,18 +185,18 @@ def test_wrong_layout_says_what_was_expected_and_found(tmp_path: Path, name: str
 
 
 def _drop_val_class(root: Path) -> None:
-    _split_folders(root / "imagenette2-160", _wnids(10))
+    write_split_folders(root / "imagenette2-160", _wnids(10))
     shutil.rmtree(root / "imagenette2-160" / "val" / sorted(_wnids(10))[4])
 
 
 def _empty_class(root: Path) -> None:
-    _split_folders(root, ["a", "b"])
+    write_split_folders(root, ["a", "b"])
     for image in (root / "train" / "b").iterdir():
         image.unlink()
 
 
 def _unknown_wnid(root: Path) -> None:
-    folder = _tiny(root)
+    folder = write_tiny_imagenet(root)
     annotations = folder / "val" / "val_annotations.txt"
     annotations.write_text(annotations.read_text().replace(sorted(_wnids(200))[9], "n99999999", 1))
 
@@ -207,10 +207,10 @@ def _unknown_wnid(root: Path) -> None:
         ("imagenette", _drop_val_class, rf"val lacks the class folder {sorted(_wnids(10))[4]}/ that train/ has"),
         ("imagefolder", _empty_class, r"train/b: empty class"),
         ("tinyimagenet", _unknown_wnid, r"val_annotations.txt: line \d+ names wnid n99999999, which wnids.txt does not"),
-        ("imagenette", lambda root: _split_folders(root / "imagenette2-320", _wnids(9)),
+        ("imagenette", lambda root: write_split_folders(root / "imagenette2-320", _wnids(9)),
          r"train/ has 9 classes, but imagenette has 10"),
-        ("tinyimagenet", lambda root: _tiny(root, classes=20), r"wnids.txt has 20 classes, but tinyimagenet has 200"),
-        ("imagenet", lambda root: _split_folders(root, _wnids(10)), r"train/ has 10 classes, but imagenet has 1000"),
+        ("tinyimagenet", lambda root: write_tiny_imagenet(root, classes=20), r"wnids.txt has 20 classes, but tinyimagenet has 200"),
+        ("imagenet", lambda root: write_split_folders(root, _wnids(10)), r"train/ has 10 classes, but imagenet has 1000"),
     ],
 )
 def test_bad_folder_is_one_line_naming_the_problem(tmp_path: Path, name: str, build, message: str) -> None:
@@ -221,7 +221,7 @@ def test_bad_folder_is_one_line_naming_the_problem(tmp_path: Path, name: str, bu
 
 
 def test_corrupt_image_is_named(tmp_path: Path) -> None:
-    _split_folders(tmp_path, ["a", "b"], per_class=3)
+    write_split_folders(tmp_path, ["a", "b"], per_class=3)
     bad = tmp_path / "train" / "b" / "b_1.JPEG"
     bad.write_bytes(_jpeg(1)[:200])
     with pytest.raises(DatasetCorruptError, match=rf"{bad} cannot be decoded as an image") as caught:
@@ -236,7 +236,7 @@ def test_check_data_reports_counts_and_names_every_unreadable_file(tiny: Path, t
     assert "test (val/): 200 images, per class min 1, max 1" in report
     assert "decoded: 600 of 600" in report and report.endswith("passed")
 
-    _split_folders(tmp_path, ["a", "b"], per_class=8)
+    write_split_folders(tmp_path, ["a", "b"], per_class=8)
     broken = [f"train/a/a_{number}.JPEG" for number in range(7)] + [f"val/b/b_{number}.JPEG" for number in range(5)]
     for path in broken:
         (tmp_path / path).write_bytes(b"\xff\xd8 not really a jpeg")
