@@ -170,6 +170,12 @@ class ClusterBackend:
                     "kind": spec.kind, "backend": self.scheduler.name, "state": "elsewhere", "held_by": who,
                     **({"held_by_job": job_id} if job_id else {}),
                 }
+            elif to_run[name] == "not built" and resubmitted.isdisjoint(spec.upstream.values()) \
+                    and StageFolders(self.root, name).is_done():
+                # Its job finished after ``to_run`` was worked out, so the scheduler no longer lists it:
+                # DONE is written before a job ends, so looking again after asking the scheduler
+                # closes that window (another sweep's teacher must not train twice).
+                summary.skipped_done.append(name)
             else:
                 # A queued stage whose upstream goes out again waits on the old job: replace it too.
                 if live.get(recorded.get(name, ""), "") in LIVE_STATES:
