@@ -10,8 +10,8 @@ CIFAR100 does; Tiny ImageNet's and Imagenette's read the same images as JPEG fil
 used (1 for kdbench, the workers for the DataLoader); the goal is a ratio >= 5.
 
 Last, the peak resident memory of a real CIFAR-100 student stage (vanilla resnet8x4, one epoch
-on a 2,000-image subset of a full-size CIFAR-100 written in the official format, so the whole
-data set is read, split and held): goal <= 1.5 GB.
+on a 2,000-image subset of a full-size CIFAR-100 written as the official archive extracts, by the
+tests' writer, so the whole data set is read, split and held): goal <= 1.5 GB.
 
 Run: .venv/bin/python bench/data.py [--images 4000] [--workers 2]
 """
@@ -20,11 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import resource
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -45,6 +43,7 @@ from data.imagefolder import AUGMENT as FOLDER_AUGMENT  # noqa: E402
 from data.registry import DatasetSplits  # noqa: E402
 from pipeline.plan import build_plan  # noqa: E402
 from stages.training import training_batches  # noqa: E402
+from tests.test_data import write_cifar100  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 BATCH_SIZE = 64
@@ -126,30 +125,10 @@ def peer_rate(dataset: Dataset, workers: int) -> float:
     return seen / (time.perf_counter() - started)
 
 
-def _write_full_cifar100(root: Path) -> Path:
-    """A full-size CIFAR-100 (50,000 + 10,000 images) as cifar-100-python.tar.gz."""
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
-    for member, count, seed in (("train", 50_000, 1), ("test", 10_000, 2)):
-        rows = _images(count, 32, seed).reshape(count, 3072)
-        labels = [index % 100 for index in range(count)]
-        content = {b"data": rows, b"fine_labels": labels, b"coarse_labels": [label // 5 for label in labels],
-                   b"batch_label": member.encode(), b"filenames": [b"%d.png" % index for index in range(count)]}
-        (folder / member).write_bytes(pickle.dumps(content, protocol=2))
-    (folder / "meta").write_bytes(pickle.dumps({
-        b"fine_label_names": [b"fine_%d" % index for index in range(100)],
-        b"coarse_label_names": [b"coarse_%d" % index for index in range(20)]}, protocol=2))
-    with tarfile.open(root / "cifar-100-python.tar.gz", "w:gz") as tar:
-        tar.add(folder, arcname="cifar-100-python")
-    for path in folder.iterdir():
-        path.unlink()
-    folder.rmdir()
-    return root
-
-
 def student_stage_peak_rss_gb(work: Path) -> float:
     """Peak RSS (GB) of one vanilla resnet8x4 student stage on full-size CIFAR-100, in its own process."""
-    data_root = _write_full_cifar100(work / "data")
+    data_root = work / "data"
+    write_cifar100(data_root, np.random.default_rng(0), train_count=50_000, test_count=10_000)
     sweep = work / "rss.yaml"
     sweep.write_text(yaml.safe_dump({
         "name": "rss", "data_root": str(data_root),

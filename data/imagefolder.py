@@ -3,10 +3,11 @@
 ``data/layouts.py`` finds the files and labels (torch-free, shared with the fingerprint); this
 module decodes them with torchvision (RGB, so grey and CMYK JPEGs come out with three channels),
 scales each so it covers the declared size with antialiasing and crops the centre, and returns
-uint8 arrays. Decoding runs in a thread pool of ``os.cpu_count()`` workers, since torchvision's
-decoders release the GIL. ImageNet itself (1.28M images, 190 GB as uint8 at 224 px) does not fit
-in memory: it is refused here above ``IMAGENET_IN_MEMORY`` training images and will stream
-instead; smaller cuts of it (tests, quick runs) read like the rest.
+uint8 arrays. Decoding runs in a thread pool of ``torch.get_num_threads()`` workers (a stage's CPU
+share: ``run_stage`` pins torch to it), since torchvision's decoders release the GIL. ImageNet
+itself (1.28M images, 190 GB as uint8 at 224 px) does not fit in memory: it is refused here above
+``IMAGENET_IN_MEMORY`` training images and will stream instead; smaller cuts of it (tests, quick
+runs) read like the rest.
 
 Each is ``prepared``: a ``prepare_data`` stage decodes the folder once into a uint8 tensor file that
 every stage of every sweep on the same files reads (``stages/prepare_data.py``).
@@ -16,7 +17,6 @@ folder holds, so the planner reads them with ``data.layouts.folder_facts`` at pl
 """
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,8 +115,9 @@ def load_image(path: Path, height: int, width: int) -> Tensor:
 
 
 def decode_in_parallel(paths: list[Path], use: Callable[[int, Path], None]) -> None:
-    """``use(index, path)`` for every path, on ``os.cpu_count()`` threads; the first error is raised."""
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+    """``use(index, path)`` for every path, on ``torch.get_num_threads()`` threads (not the node's core
+    count: a 2-CPU Slurm job on a 64-core node must not run 64 decoders); the first error is raised."""
+    with ThreadPoolExecutor(max_workers=torch.get_num_threads()) as pool:
         for _ in pool.map(use, range(len(paths)), paths):
             pass
 

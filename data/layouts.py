@@ -16,12 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.errors import (
-    DatasetCorruptError,
-    DatasetError,
-    DatasetNotFoundError,
-    one_line,
-)
+from data.errors import DatasetCorruptError, DatasetError, DatasetNotFoundError, one_line
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 """torchvision.datasets.folder.IMG_EXTENSIONS."""

@@ -99,21 +99,18 @@ def load_dataset(
     subset_size: int | None = None,
     official_parts: RawSplits | None = None,
 ) -> DatasetSplits:
-    """``name``'s official parts (``read_official_parts``, or ``official_parts`` when a
-    ``prepare_data`` stage decoded them already) with a seeded, stratified ``val_fraction`` of the
-    training part held out for validation; with ``subset_size``, training on a seeded, stratified
-    subset of that many images of the rest (``data/splits.py``, same ``split_seed``).
+    """``name``'s official parts (``read_official_parts``) with a seeded, stratified ``val_fraction``
+    of the training part held out for validation; with ``subset_size``, training on a seeded,
+    stratified subset of that many images of the rest (``data/splits.py``, same ``split_seed``).
+
+    ``official_parts`` are the parts a ``prepare_data`` stage decoded: its hash is the data set's
+    fingerprint, checked when it decoded, so they are not read, nor fingerprinted, again.
     """
     module = _module(name)
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     root = root or os.environ.get(DATA_ROOT_ENV) or None
-    if official_parts is None:
-        raw = read_official_parts(name, root, expected_fingerprint)
-    else:
-        if expected_fingerprint is not None:
-            check_fingerprint(name, root, expected_fingerprint)
-        raw = official_parts
+    raw = read_official_parts(name, root, expected_fingerprint) if official_parts is None else official_parts
     return _split(
         name, raw, module.DATASETS[name]["num_classes"] or folder_facts(name, root)[0], val_fraction, split_seed, subset_size, module.AUGMENT,
     )

@@ -6,6 +6,7 @@ result from ``weights/<this stage>/final.pt``.
 """
 from __future__ import annotations
 
+
 import torch
 from torch import nn
 

@@ -22,13 +22,7 @@ from stages.loading import (
     model_state,
     new_classifier,
 )
-from stages.training import (
-    ComputeTerms,
-    EpochLoop,
-    TrainingSettings,
-    backbone_lr_scales,
-    training_outputs,
-)
+from stages.training import ComputeTerms, EpochLoop, TrainingSettings, backbone_lr_scales, training_outputs
 
 
 def distillation_terms(student: nn.Module, teacher: nn.Module | None, method: Method) -> ComputeTerms:

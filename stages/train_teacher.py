@@ -12,12 +12,7 @@ from torch import nn
 
 from stages.context import StageRun
 from stages.loading import load_stage_data, model_state, new_classifier
-from stages.training import (
-    EpochLoop,
-    TrainingSettings,
-    backbone_lr_scales,
-    training_outputs,
-)
+from stages.training import EpochLoop, TrainingSettings, backbone_lr_scales, training_outputs
 
 
 def run(stage: StageRun) -> None:

@@ -14,9 +14,8 @@ import pytest
 from submitit.core.utils import JobPaths
 
 from pipeline import status as status_module
-from pipeline.backends import BackendError
+from pipeline.backends import BackendError, slurm
 from pipeline.backends.cluster import ClusterBackend, array_groups
-from pipeline.backends import slurm
 from pipeline.backends.slurm import SlurmScheduler, sbatch_parameters
 from pipeline.manifest import Manifest, SubmitLockedError, submit_lock
 from pipeline.plan import build_plan
@@ -249,6 +248,26 @@ def test_resubmitting_a_failed_stage_replaces_its_queued_dependants(tmp_path: Pa
     summary = ClusterBackend(again, tmp_path / "out", jobs_dir, noop, report=lambda _: None).submit(plan)
     assert set(summary.submitted) == set(plan.stages)  # the teacher and everything downstream of it
     assert again.queue == {}  # the old dependants were cancelled
+
+
+def test_a_stage_whose_job_finished_after_the_pending_check_is_not_submitted_again(tmp_path: Path) -> None:
+    """Two sweeps share a teacher: the first sweep's teacher job writes DONE and leaves the queue
+    while the second submit is between its pending check and its scheduler query (preflight runs
+    in between). The teacher must not go out a second time; its dependants need not wait on it."""
+    from pipeline.pending import stages_to_run
+    from pipeline.store import StageFolders
+
+    plan = build_plan(write_sweep(tmp_path / "s.yaml", {"axes.method": ["kd"]}))
+    root, teacher = tmp_path / "out", plan.experiments[0].teacher_stage
+    to_run = stages_to_run(plan, root)
+    assert to_run[teacher] == "not built"
+    StageFolders(root, teacher).logs.mkdir(parents=True)
+    StageFolders(root, teacher).mark_done()  # the job finished; the queue (empty) no longer lists it
+    scheduler = RecordingScheduler(tmp_path / "debug")
+    summary = ClusterBackend(scheduler, root, tmp_path / "jobs", noop, report=lambda _: None).submit(plan, to_run)
+    assert teacher in summary.skipped_done and teacher not in summary.submitted
+    assert set(summary.submitted) == set(plan.stages) - {teacher}
+    assert scheduler.arrays[0] == ("tiny-train_student", ())  # the student waits on no teacher job
 
 
 TWO_TEACHERS = {"axes.pair": ["resnet20:resnet8x0.25", "resnet56:resnet8x0.25"], "axes.method": ["vanilla", "kd"]}

@@ -106,12 +106,14 @@ def _write_cifar10(root: Path, rng: np.random.Generator) -> dict[str, np.ndarray
     return {"train": train, "train_labels": np.array(train_labels), "test": test, "test_labels": np.array(test_labels)}
 
 
-def write_cifar100(root: Path, rng: np.random.Generator, train_count: int = 100) -> dict[str, np.ndarray]:
+def write_cifar100(
+    root: Path, rng: np.random.Generator, train_count: int = 100, test_count: int = 20
+) -> dict[str, np.ndarray]:
     """CIFAR-100 as its official python archive extracts: ``train_count`` training images, classes in turn."""
     folder = root / "cifar-100-python"
     folder.mkdir(parents=True)
     train, train_labels = _random_images(rng, train_count), [index % 100 for index in range(train_count)]
-    test, test_labels = _random_images(rng, 20), [(7 * index) % 100 for index in range(20)]
+    test, test_labels = _random_images(rng, test_count), [(7 * index) % 100 for index in range(test_count)]
     for member, images, labels in (("train", train, train_labels), ("test", test, test_labels)):
         content = _batch(images, labels, b"fine_labels", member.encode())
         content[b"coarse_labels"] = [label // 5 for label in labels]
@@ -613,3 +615,20 @@ def test_datasets_literals_are_readable_without_importing_and_match_the_registry
 
 def test_data_package_init_is_empty() -> None:
     assert Path(digits.__file__).with_name("__init__.py").read_text().strip() == ""
+
+
+def test_training_batches_are_the_normalised_images_of_their_indices() -> None:
+    """What a model trains on is float32, normalised with the training split's statistics (mean ~0,
+    std ~1 per channel over an epoch), not the uint8 pixels the data set holds."""
+    from types import SimpleNamespace
+
+    from stages.training import training_batches
+
+    data = load_dataset("digits", None, 0.1, 0)
+    settings = SimpleNamespace(batch_size=256, augment=False, seed=0)  # what training_batches reads
+    batches = list(training_batches(data, settings, epoch=0))
+    for images, _, indices in batches:
+        assert images.dtype == torch.float32
+        assert torch.equal(images, data.normalise(data.train_images[indices]))
+    epoch = torch.cat([images for images, _, _ in batches])
+    assert abs(epoch.mean().item()) < 1e-4 and abs(epoch.std(correction=0).item() - 1) < 1e-4

@@ -66,32 +66,30 @@ def test_the_data_stage_stays_out_of_the_hashes_of_the_stages_that_read_it(tmp_p
     assert not any(spec.kind == "prepare_data" for spec in build_plan(write_sweep(tmp_path / "digits.yaml")).stages.values())
 
 
-def test_stages_train_from_the_decoded_file_without_decoding_again(
-    tmp_path: Path, tiny_root: Path, monkeypatch: pytest.MonkeyPatch, restore_torch_threads: None,
-) -> None:
+def test_stages_train_from_the_decoded_file_without_the_jpegs(tmp_path: Path, restore_torch_threads: None) -> None:
+    """Once prepare_data is DONE, the other stages read only its file: they train with the JPEG
+    folder gone, which also shows they neither decode nor fingerprint it again."""
     from stages import run_stage
     from stages.prepare_data import load_prepared
 
-    plan = build_plan(_sweep(tmp_path, tiny_root, [0]))
+    data_root = tmp_path / "data"
+    write_tiny_imagenet(data_root)
+    plan = build_plan(_sweep(tmp_path, data_root, [0]))
     root = tmp_path / "out"
     prepare = next(spec for spec in plan.stages.values() if spec.kind == "prepare_data")
     assert run_stage(prepare, root) == "done"
     raw = load_prepared(StageFolders(root, prepare.name).prepared_images)
-    direct = data.imagefolder.read("tinyimagenet", str(tiny_root))
+    direct = data.imagefolder.read("tinyimagenet", str(data_root))
     for part in ("train_images", "train_labels", "test_images", "test_labels"):
         assert np.array_equal(getattr(raw, part), getattr(direct, part))
     assert raw.train_images.dtype == np.uint8 and raw.train_images.shape == (400, 3, 64, 64)
 
-    def no_decoding(name: str, root: str | None) -> None:
-        raise AssertionError("a stage decoded the JPEGs again instead of reading prepare_data's file")
-
-    monkeypatch.setattr(data.imagefolder, "read", no_decoding)
+    data_root.rename(tmp_path / "moved_away")
     for spec in plan.stages.values():
         if spec.kind != "prepare_data":
             assert run_stage(spec, root) == "done", spec.name
     assert run_stage(prepare, root) == "skipped"
-    teacher = plan.experiments[0].teacher_stage
-    epochs = read_pickle(StageFolders(root, teacher).log)["epochs"]
+    epochs = read_pickle(StageFolders(root, plan.experiments[0].teacher_stage).log)["epochs"]
     assert len(epochs) == 1 and epochs[0]["train_loss"] > 0
 
 
