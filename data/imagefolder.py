@@ -5,9 +5,9 @@ module decodes them with torchvision (RGB, so grey and CMYK JPEGs come out with 
 scales each so it covers the declared size with antialiasing and crops the centre, and returns
 uint8 arrays. Decoding runs in a thread pool of ``torch.get_num_threads()`` workers (a stage's CPU
 share: ``run_stage`` pins torch to it), since torchvision's decoders release the GIL. ImageNet
-itself (1.28M images, 190 GB as uint8 at 224 px) does not fit in memory: it is refused here above
-``IMAGENET_IN_MEMORY`` training images and will stream instead; smaller cuts of it (tests, quick
-runs) read like the rest.
+itself (1.28M images, 190 GB as uint8 at 224 px) does not fit in memory: above
+``IMAGENET_IN_MEMORY`` training images ``read`` lists its files instead, which ``data/streaming.py``
+decodes batch by batch; smaller cuts of it (tests, quick runs) read like the rest.
 
 Each is ``prepared``: a ``prepare_data`` stage decodes the folder once into a uint8 tensor file that
 every stage of every sweep on the same files reads (``stages/prepare_data.py``).
@@ -29,9 +29,9 @@ from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms.v2 import functional as F
 
 from data.augment import RandomCropFlip
-from data.errors import DatasetCorruptError, DatasetError, one_line
+from data.errors import DatasetCorruptError, one_line
 from data.layouts import Files, FolderLayout, scan
-from data.splits import RawSplits
+from data.splits import RawSplits, StreamedParts
 
 DATASETS = {
     "tinyimagenet": {
@@ -73,7 +73,8 @@ DATASETS = {
 }
 
 IMAGENET_IN_MEMORY = 20_000
-"""The most ImageNet training images ``read`` holds in memory (a cut for tests); the full set streams."""
+"""The most ImageNet training images ``read`` holds in memory (a cut for quick runs, 3 GB as uint8);
+a larger folder streams."""
 
 
 @dataclass(frozen=True)
@@ -97,15 +98,20 @@ class CropFlipBySize:
 AUGMENT = CropFlipBySize()
 
 
-def load_image(path: Path, height: int, width: int) -> Tensor:
-    """One image file as uint8 (3, height, width): decoded as RGB, scaled with antialiasing so that
-    it covers the size (the shorter side fits for a square), then centre-cropped."""
+def decode_file(path: Path) -> Tensor:
+    """One image file as uint8 (3, H, W) RGB at its own size; an undecodable file is a one-line error naming it."""
     try:
-        image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
     except (RuntimeError, OSError, ValueError) as error:
         raise DatasetCorruptError(
             f"{path} cannot be decoded as an image ({one_line(error)}); replace or delete it"
         ) from error
+
+
+def load_image(path: Path, height: int, width: int) -> Tensor:
+    """One image file as uint8 (3, height, width): decoded as RGB, scaled with antialiasing so that
+    it covers the size (the shorter side fits for a square), then centre-cropped."""
+    image = decode_file(path)
     old_height, old_width = image.shape[-2:]
     if (old_height, old_width) != (height, width):
         scale = max(height / old_height, width / old_width)
@@ -132,14 +138,12 @@ def _decode_split(layout: FolderLayout, files: Files, height: int, width: int) -
     return images, np.fromiter((label for _, label in files), dtype=np.int64, count=len(files))
 
 
-def read(name: str, root: str | None) -> RawSplits:
-    """The training part and the labelled held-out part (kdbench's test split) of ``name`` under ``root``."""
+def read(name: str, root: str | None) -> RawSplits | StreamedParts:
+    """The training part and the labelled held-out part (kdbench's test split) of ``name`` under
+    ``root``: decoded, or for ImageNet above ``IMAGENET_IN_MEMORY`` training images, its files to stream."""
     layout = scan(name, root)
     if name == "imagenet" and len(layout.train) > IMAGENET_IN_MEMORY:
-        raise DatasetError(
-            f"imagenet under {layout.folder}: {len(layout.train)} training images do not fit in memory; full ImageNet "
-            f"needs the streaming loader (not written yet); in-memory reading takes up to {IMAGENET_IN_MEMORY} training images"
-        )
+        return StreamedParts.from_files(layout.folder, layout.train, layout.test)
     _, height, width = DATASETS[name]["image_shape"]
     train_images, train_labels = _decode_split(layout, layout.train, height, width)
     test_images, test_labels = _decode_split(layout, layout.test, height, width)

@@ -1,4 +1,5 @@
-"""Loading a data set by name as in-memory uint8 tensors with train, validation and test splits.
+"""Loading a data set by name with train, validation and test splits: in-memory uint8 tensors, or
+for full ImageNet, files streamed batch by batch (``data/streaming.py``).
 
 A data set lives in a module of this package holding ``DATASETS`` (a literal the planner reads
 without importing torch), ``AUGMENT`` (its batched training augmentation) and
@@ -12,8 +13,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -23,7 +25,8 @@ from data import cifar, digits, imagefolder
 from data.errors import DatasetError
 from data.files import NO_DATA_ROOT, fingerprint
 from data.layouts import folder_facts
-from data.splits import RawSplits, stratified_holdout, stratified_subset
+from data.splits import RawSplits, StreamedParts, stratified_holdout, stratified_subset
+from data.streaming import StreamedSplits
 
 DATA_ROOT_ENV = "KDBENCH_DATA"
 
@@ -64,6 +67,25 @@ class DatasetSplits:
         std = torch.tensor(self.channel_std, device=images.device)[:, None, None]
         return images.float().sub_(mean).div_(std)
 
+    def epoch_images(self, order: Tensor, batch_size: int, generator: torch.Generator | None) -> Iterator[Tensor]:
+        """uint8 training batches of the images at ``order``, each batch augmented with draws from
+        ``generator`` in turn (None: unaugmented)."""
+        for start in range(0, len(order), batch_size):
+            images = self.train_images[order[start : start + batch_size]]
+            yield images if generator is None else self.augment(images, generator)
+
+    def split_images(self, split: str, batch_size: int) -> Iterator[Tensor]:
+        """Every uint8 image of ``split`` ("train", "val" or "test"), unaugmented, in order, batch by batch."""
+        images = {"train": self.train_images, "val": self.val_images, "test": self.test_images}[split]
+        for start in range(0, len(images), batch_size):
+            yield images[start : start + batch_size]
+
+
+Splits = DatasetSplits | StreamedSplits
+"""What a stage trains and evaluates on: in memory, or (full ImageNet) streamed from its files. Both
+give ``{train,val,test}_labels``, ``num_classes``, ``image_shape``, ``normalise``, ``epoch_images``
+and ``split_images``."""
+
 
 def dataset_names() -> list[str]:
     return sorted(_MODULE_OF)
@@ -75,9 +97,9 @@ def _module(name: str) -> ModuleType:
     return _MODULE_OF[name]
 
 
-def read_official_parts(name: str, root: str | None, expected_fingerprint: str | None = None) -> RawSplits:
+def read_official_parts(name: str, root: str | None, expected_fingerprint: str | None = None) -> RawSplits | StreamedParts:
     """The official training and test parts of ``name`` as its files under ``root`` (None: env
-    ``KDBENCH_DATA``) hold them, uint8.
+    ``KDBENCH_DATA``) hold them, uint8, or for a data set too large for memory, its files to stream.
 
     With ``expected_fingerprint`` (what the plan hashed), files that fingerprint otherwise are
     refused before they are read: a stage must not write results for other data into a folder
@@ -97,20 +119,23 @@ def load_dataset(
     split_seed: int,
     expected_fingerprint: str | None = None,
     subset_size: int | None = None,
-    official_parts: RawSplits | None = None,
-) -> DatasetSplits:
+    official_parts: RawSplits | StreamedParts | None = None,
+) -> Splits:
     """``name``'s official parts (``read_official_parts``) with a seeded, stratified ``val_fraction``
     of the training part held out for validation; with ``subset_size``, training on a seeded,
     stratified subset of that many images of the rest (``data/splits.py``, same ``split_seed``).
 
-    ``official_parts`` are the parts a ``prepare_data`` stage decoded: its hash is the data set's
-    fingerprint, checked when it decoded, so they are not read, nor fingerprinted, again.
+    ``official_parts`` are the parts a ``prepare_data`` stage decoded (or listed, for a streamed
+    set): its hash is the data set's fingerprint, checked when it decoded, so they are not read,
+    nor fingerprinted, again.
     """
     module = _module(name)
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     root = root or os.environ.get(DATA_ROOT_ENV) or None
     raw = read_official_parts(name, root, expected_fingerprint) if official_parts is None else official_parts
+    if isinstance(raw, StreamedParts) and root is not None:  # the files where this node mounts them
+        raw = raw.at(Path(root))
     return _split(
         name, raw, module.DATASETS[name]["num_classes"] or folder_facts(name, root)[0], val_fraction, split_seed, subset_size, module.AUGMENT,
     )
@@ -143,14 +168,19 @@ def _training_subset(name: str, labels: np.ndarray, train: np.ndarray, subset_si
 
 def _split(
     name: str,
-    raw: RawSplits,
+    raw: RawSplits | StreamedParts,
     num_classes: int,
     val_fraction: float,
     split_seed: int,
     subset_size: int | None,
     augment: Callable[[Tensor, torch.Generator], Tensor],
-) -> DatasetSplits:
+) -> Splits:
     train, val = stratified_holdout(raw.train_labels, val_fraction, split_seed)
+    if isinstance(raw, StreamedParts):
+        if subset_size is not None:
+            train = train[_training_subset(name, raw.train_labels, train, subset_size, split_seed)]
+        image_shape = tuple(_module(name).DATASETS[name]["image_shape"])
+        return StreamedSplits(raw, train, val, num_classes, image_shape, workers=torch.get_num_threads())
     mean, std = _channel_statistics(raw.train_images, train)
     if subset_size is not None:
         train = train[_training_subset(name, raw.train_labels, train, subset_size, split_seed)]

@@ -9,9 +9,12 @@ requeued elsewhere.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
+
+from data.layouts import Files
 
 
 @dataclass(frozen=True, eq=False)
@@ -22,6 +25,34 @@ class RawSplits:
     train_labels: np.ndarray
     test_images: np.ndarray
     test_labels: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class StreamedParts:
+    """The official parts of a streamed data set as files: paths relative to ``folder`` and labels.
+
+    The ``prepare_data`` stage stores this (the scan of 1.28M files takes minutes on a shared file
+    system); ``folder`` is set again from each stage's own ``data_root``, which may differ by node.
+    """
+
+    folder: Path
+    train_paths: tuple[str, ...]
+    train_labels: np.ndarray
+    test_paths: tuple[str, ...]
+    test_labels: np.ndarray
+
+    @classmethod
+    def from_files(cls, folder: Path, train: Files, test: Files) -> "StreamedParts":
+        return cls(
+            folder=folder,
+            train_paths=tuple(path for path, _ in train),
+            train_labels=np.fromiter((label for _, label in train), dtype=np.int64, count=len(train)),
+            test_paths=tuple(path for path, _ in test),
+            test_labels=np.fromiter((label for _, label in test), dtype=np.int64, count=len(test)),
+        )
+
+    def at(self, folder: Path) -> "StreamedParts":
+        return replace(self, folder=folder)
 
 
 def _hashed_keys(indices: np.ndarray, salt: str) -> np.ndarray:

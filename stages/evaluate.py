@@ -43,13 +43,13 @@ def run(stage: StageRun) -> None:
     reference = None
     if "teacher" in upstream:
         teacher = load_classifier(upstream["teacher"].final_weights, device).model
-        reference = predict(teacher, data.test_images, batch_size, device, data.normalise)
+        reference = predict(teacher, data.split_images("test", batch_size), device, data.normalise)
 
-    last = scores(predict(trained.model, data.test_images, batch_size, device, data.normalise), data.test_labels, reference)
+    last = scores(predict(trained.model, data.split_images("test", batch_size), device, data.normalise), data.test_labels, reference)
     best_epoch = read_log(model_folders.logs).get("best_epoch")
     if model_folders.best_weights.is_file():
         best_model = load_classifier(model_folders.best_weights, device).model
-        best = scores(predict(best_model, data.test_images, batch_size, device, data.normalise), data.test_labels, reference)
+        best = scores(predict(best_model, data.split_images("test", batch_size), device, data.normalise), data.test_labels, reference)
     else:  # no validation split (val_fraction 0): there is no best epoch to report, not the last one
         best = {name: None for name in last}
     result = {

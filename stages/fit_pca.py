@@ -29,8 +29,8 @@ def run(stage: StageRun) -> None:
     tapped = FeatureTaps(teacher.model, taps)
     moments = {tap: ChannelMoments() for tap in taps}
     with torch.no_grad():
-        for start in range(0, len(data.train_images), FIT_BATCH_SIZE):
-            _, features = tapped(data.normalise(data.train_images[start : start + FIT_BATCH_SIZE].to(device)))
+        for images in data.split_images("train", FIT_BATCH_SIZE):
+            _, features = tapped(data.normalise(images.to(device)))
             for tap in taps:
                 moments[tap].add(features[tap])
     fits = {tap: moments[tap].pca() for tap in taps}

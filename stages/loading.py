@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from data.registry import DatasetSplits, load_dataset
+from data.registry import Splits, load_dataset
 from distill.base import MethodContext
 from distill.composition import build_method, changes_deployment
 from models.pretrained import InitialWeightsError, load_initial_weights
@@ -25,7 +25,7 @@ from stages.files import StageError, load_torch
 from stages.prepare_data import load_prepared
 
 
-def load_stage_data(spec: StageSpec, upstream: Mapping[str, StageFolders] | None = None) -> DatasetSplits:
+def load_stage_data(spec: StageSpec, upstream: Mapping[str, StageFolders] | None = None) -> Splits:
     """The stage's data set, refused unless its files are the ones the stage's hash was made from.
 
     A stage with a ``data`` upstream (a ``prepared`` data set) reads the images its
@@ -47,7 +47,7 @@ def load_stage_data(spec: StageSpec, upstream: Mapping[str, StageFolders] | None
 
 
 def new_classifier(
-    arch: str, data: DatasetSplits, init: Mapping[str, Any] | None = None
+    arch: str, data: Splits, init: Mapping[str, Any] | None = None
 ) -> tuple[nn.Module, dict[str, Any] | None]:
     """``arch`` for ``data``, freshly initialised or holding the weights ``init`` imports (a resolved
     sweep init), and what was imported for the log (None when nothing was).
@@ -69,7 +69,7 @@ def new_classifier(
 
 
 def model_state(
-    arch: str, data: DatasetSplits, model: nn.Module, method: nn.Module | None = None,
+    arch: str, data: Splits, model: nn.Module, method: nn.Module | None = None,
     method_record: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What final.pt / best.pt hold. ``method_record`` (the method's settings and the context it was

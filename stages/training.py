@@ -24,7 +24,7 @@ from lion_pytorch import Lion
 from torch import nn
 from tqdm import tqdm
 
-from data.registry import DatasetSplits
+from data.registry import Splits
 from pipeline.store import StageFolders
 from stages.context import StageRun
 from stages.files import StageError, load_torch, save_torch, write_stage_log
@@ -202,34 +202,28 @@ def step_generator(seed: int, epoch: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + step)
 
 
-def training_batches(
-    data: DatasetSplits, settings: TrainingSettings, epoch: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Shuffled, augmented training batches of one epoch, drawn from the in-memory tensors, as (images,
-    labels, indices): each sample's index into the training set, for methods that keep per-sample state."""
+def training_batches(data: Splits, settings: TrainingSettings, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Shuffled, augmented training batches of one epoch, as (images, labels, indices): each sample's
+    index into the training set, for methods that keep per-sample state. The order and every
+    augmentation draw come from the epoch's generator, in memory or streamed alike."""
     generator = epoch_generator(settings.seed, epoch)
     order = torch.randperm(len(data.train_labels), generator=generator)
-    for start in range(0, len(order), settings.batch_size):
+    images = data.epoch_images(order, settings.batch_size, generator if settings.augment else None)
+    for start, batch in zip(range(0, len(order), settings.batch_size), images):
         index = order[start : start + settings.batch_size]
-        images = data.train_images[index]
-        if settings.augment:
-            images = data.augment(images, generator)
-        yield data.normalise(images), data.train_labels[index], index
+        yield data.normalise(batch), data.train_labels[index], index
 
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device,
+    model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device,
     normalise: Callable[[torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
-    """Logits of ``model`` in eval mode, on the CPU, for uint8 ``images`` turned into its inputs by
-    ``normalise`` (``DatasetSplits.normalise``) one batch at a time on ``device``."""
+    """Logits of ``model`` in eval mode, on the CPU, for the uint8 image ``batches`` (``split_images``)
+    turned into its inputs by ``normalise`` (the data's) on ``device``."""
     was_training = model.training
     model.eval()
-    outputs = [
-        model(normalise(images[start : start + batch_size].to(device))).float().cpu()
-        for start in range(0, len(images), batch_size)
-    ]
+    outputs = [model(normalise(images.to(device))).float().cpu() for images in batches]
     model.train(was_training)
     return torch.cat(outputs) if outputs else torch.empty(0)
 
@@ -260,7 +254,7 @@ class EpochLoop:
     record: dict[str, Any]
     modules: nn.ModuleDict
     compute_terms: ComputeTerms
-    data: DatasetSplits
+    data: Splits
     settings: TrainingSettings
     classifier: nn.Module | None
     saved_state: Callable[[], dict[str, Any]]
@@ -352,8 +346,9 @@ class EpochLoop:
         }
         if self.classifier is not None:
             batch = self.settings.batch_size * 4
-            entry["val_acc"] = accuracy(predict(self.classifier, self.data.val_images, batch, self.device, self.data.normalise), self.data.val_labels)
-            entry["test_acc"] = accuracy(predict(self.classifier, self.data.test_images, batch, self.device, self.data.normalise), self.data.test_labels)
+            for split in ("val", "test"):
+                logits = predict(self.classifier, self.data.split_images(split, batch), self.device, self.data.normalise)
+                entry[f"{split}_acc"] = accuracy(logits, getattr(self.data, f"{split}_labels"))
         entry["epoch_time_s"] = time.perf_counter() - started
         return entry
 

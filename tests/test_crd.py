@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import distill.crd
+from data.registry import DatasetSplits
 from distill.base import Batch, Method, MethodConfigError, MethodContext, ModelOutput, method_class
 from stages.train_student import distillation_terms
 from stages.training import training_batches
@@ -198,10 +199,12 @@ class RecordingMethod(Method):
 
 def test_training_batches_carry_each_samples_index_into_the_batch() -> None:
     size = 11
-    data = SimpleNamespace(  # image i is filled with i, its label is i mod 3
+    empty = torch.empty(0, 1, 2, 2, dtype=torch.uint8)
+    data = DatasetSplits(  # image i is filled with i, its label is i mod 3
         train_images=torch.arange(size, dtype=torch.uint8).view(size, 1, 1, 1).expand(size, 1, 2, 2).clone(),
-        train_labels=torch.arange(size) % 3,
-        normalise=torch.Tensor.float,
+        train_labels=torch.arange(size) % 3, val_images=empty, val_labels=torch.empty(0, dtype=torch.int64),
+        test_images=empty, test_labels=torch.empty(0, dtype=torch.int64), num_classes=3, image_shape=(1, 2, 2),
+        channel_mean=(0.0,), channel_std=(1.0,), augment=None,
     )
     settings = SimpleNamespace(batch_size=4, augment=False, seed=3)  # what training_batches reads of TrainingSettings
     method, student = RecordingMethod(), nn.Sequential(nn.Flatten(), nn.Linear(4, 3))

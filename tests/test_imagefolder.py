@@ -17,6 +17,7 @@ from torchvision.io import encode_jpeg, encode_png
 from data import files, imagefolder, layouts
 from data.check import check_data
 from data.errors import DatasetCorruptError, DatasetError, DatasetNotFoundError
+from data.splits import StreamedParts
 
 _JPEGS: dict[tuple[int, int, int, int], bytes] = {}
 
@@ -144,13 +145,15 @@ def test_imagefolder_takes_any_classes_and_image_extensions(tmp_path: Path) -> N
     assert raw.train_images.shape == (5, 3, 64, 64) and raw.test_labels.tolist() == [0, 1, 2]
 
 
-def test_imagenet_reads_a_small_cut_and_refuses_the_full_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_imagenet_decodes_a_small_cut_and_lists_the_full_set_to_stream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_split_folders(tmp_path, _wnids(1000), height=32, width=32)
     raw = imagefolder.read("imagenet", str(tmp_path))
     assert raw.train_images.shape == (1000, 3, 224, 224) and raw.train_labels.tolist() == list(range(1000))
     monkeypatch.setattr(imagefolder, "IMAGENET_IN_MEMORY", 999)
-    with pytest.raises(DatasetError, match="1000 training images do not fit in memory"):
-        imagefolder.read("imagenet", str(tmp_path))
+    listed = imagefolder.read("imagenet", str(tmp_path))
+    assert isinstance(listed, StreamedParts) and listed.folder == tmp_path
+    assert listed.train_labels.tolist() == raw.train_labels.tolist() and listed.test_labels.tolist() == raw.test_labels.tolist()
+    assert listed.train_paths[0] == f"train/{sorted(_wnids(1000))[0]}/{sorted(_wnids(1000))[0]}_0.JPEG"
     before = files.fingerprint("imagenet", str(tmp_path))
     _write(tmp_path / "val" / sorted(_wnids(1000))[3] / "extra.JPEG", _jpeg(3))
     assert files.fingerprint("imagenet", str(tmp_path)) != before

@@ -165,7 +165,7 @@ def test_a_zero_epoch_teacher_is_its_checkpoint_and_is_scored_as_such(tmp_path: 
     log = read_json(StageFolders(root, teacher).config)
     assert log["settings"]["training"]["init"]["sha256"]
     data = load_dataset("digits", None, val_fraction=0.1, split_seed=0)
-    expected = accuracy(predict(source, data.test_images, 256, torch.device("cpu"), data.normalise), data.test_labels)
+    expected = accuracy(predict(source, data.split_images("test", 256), torch.device("cpu"), data.normalise), data.test_labels)
     assert read_json(StageFolders(root, evaluation).result)["top1_last"] == pytest.approx(expected)
 
 

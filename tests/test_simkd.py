@@ -249,7 +249,7 @@ def test_simkd_trains_on_digits_and_is_evaluated_as_student_projector_and_head(
     # The logged val accuracy is the deployed network's, rebuilt from final.pt as evaluation rebuilds it.
     data = load_stage_data(student_spec)
     deployed = load_classifier(student_folders.final_weights, torch.device("cpu")).model
-    assert epochs[-1]["val_acc"] == pytest.approx(accuracy(predict(deployed, data.val_images, 256, torch.device("cpu"), data.normalise), data.val_labels))
+    assert epochs[-1]["val_acc"] == pytest.approx(accuracy(predict(deployed, data.split_images("val", 256), torch.device("cpu"), data.normalise), data.val_labels))
     # The head left training as the teacher's classifier.
     saved, teacher_saved = load_torch(student_folders.final_weights), load_torch(teacher_folders.final_weights)
     assert torch.equal(saved["method"]["top.head.weight"], teacher_saved["model"]["fc.weight"])
