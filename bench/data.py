@@ -9,6 +9,11 @@ CIFAR100 does; Tiny ImageNet's and Imagenette's read the same images as JPEG fil
 ``datasets.ImageFolder``, as they are shipped. Each result is images/s divided by the cores it
 used (1 for kdbench, the workers for the DataLoader); the goal is a ratio >= 5.
 
+Full ImageNet does not fit in memory, so both sides decode JPEGs (336x448, about ImageNet's mean
+size) in ``--workers`` DataLoader processes through RandomResizedCrop(224) + flip: kdbench's
+streamed path (``data/streaming.py``: torchvision.io decoding, tensor transforms, a seed per
+image) against ``ImageFolder`` with PIL transforms; the goal there is a ratio >= 0.9.
+
 Last, the peak resident memory of a real CIFAR-100 student stage (vanilla resnet8x4, one epoch
 on a 2,000-image subset of a full-size CIFAR-100 written as the official archive extracts, by the
 tests' writer, so the whole data set is read, split and held): goal <= 1.5 GB.
@@ -20,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -41,6 +45,8 @@ from torchvision.io import encode_jpeg  # noqa: E402
 from data.cifar import AUGMENT as CIFAR_AUGMENT  # noqa: E402
 from data.imagefolder import AUGMENT as FOLDER_AUGMENT  # noqa: E402
 from data.registry import DatasetSplits  # noqa: E402
+from data.splits import StreamedParts  # noqa: E402
+from data.streaming import StreamedSplits  # noqa: E402
 from pipeline.plan import build_plan  # noqa: E402
 from stages.training import training_batches  # noqa: E402
 from tests.test_data import write_cifar100  # noqa: E402
@@ -58,9 +64,12 @@ RSS_GOAL_GB = 1.5
 def _images(count: int, side: int, seed: int) -> np.ndarray:
     """Smooth random images (JPEG-compressible like photos, unlike white noise), uint8 (N, 3, side, side)."""
     generator = torch.Generator().manual_seed(seed)
-    coarse = torch.rand((count, 3, max(2, side // 8), max(2, side // 8)), generator=generator)
-    smooth = torch.nn.functional.interpolate(coarse, size=(side, side), mode="bilinear", align_corners=False)
-    return (smooth * 255).round().to(torch.uint8).numpy()
+    images = np.empty((count, 3, side, side), dtype=np.uint8)
+    for start in range(0, count, 100):  # in chunks: 1,000 float images of 448 px would be 2.4 GB
+        coarse = torch.rand((min(100, count - start), 3, max(2, side // 8), max(2, side // 8)), generator=generator)
+        smooth = torch.nn.functional.interpolate(coarse, size=(side, side), mode="bilinear", align_corners=False)
+        images[start : start + 100] = (smooth * 255).round().to(torch.uint8).numpy()
+    return images
 
 
 def _splits(images: np.ndarray, classes: int, augment) -> DatasetSplits:
@@ -125,6 +134,28 @@ def peer_rate(dataset: Dataset, workers: int) -> float:
     return seen / (time.perf_counter() - started)
 
 
+def _peer_imagenet_transform() -> transforms.Compose:
+    """torchvision's ImageNet reference training transform, on PIL images."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+        transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    ])
+
+
+def streamed_rate(folder: Path, workers: int) -> float:
+    """Images/s of one epoch of kdbench's streamed ImageNet batches (``data/streaming.py``) over the
+    JPEGs in ``folder``'s class folders, decoded by ``workers`` processes."""
+    paths = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*.JPEG"))
+    labels = [int(path.split("/")[0].removeprefix("class_")) for path in paths]
+    files = tuple(zip(paths, labels))
+    parts = StreamedParts.from_files(folder, files, ())
+    data = StreamedSplits(parts, np.arange(len(paths)), np.arange(0), 10, (3, 224, 224), workers=workers)
+    settings = SimpleNamespace(batch_size=BATCH_SIZE, augment=True, seed=0)
+    started = time.perf_counter()
+    seen = sum(len(labels) for _, labels, _ in training_batches(data, settings, epoch=0))
+    return seen / (time.perf_counter() - started)
+
+
 def student_stage_peak_rss_gb(work: Path) -> float:
     """Peak RSS (GB) of one vanilla resnet8x4 student stage on full-size CIFAR-100, in its own process."""
     data_root = work / "data"
@@ -137,10 +168,13 @@ def student_stage_peak_rss_gb(work: Path) -> float:
         "resources": {"default": {"cpus": os.cpu_count() or 1}},
     }))
     student = next(spec for spec in build_plan(sweep).stages.values() if spec.kind == "train_student")
-    code = "import json, sys; from stages import run_stage; run_stage(json.loads(sys.argv[1]), sys.argv[2])"
-    subprocess.run([sys.executable, "-c", code, json.dumps(student.to_dict()), str(work / "out")], check=True,
-                   cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2  # Linux reports KiB
+    # The stage process reports its own peak, VmHWM: getrusage's maxrss would count this process's
+    # DataLoader workers, or (Linux keeps it across exec) this process's memory when it forked.
+    code = ("import json, sys; from stages import run_stage; run_stage(json.loads(sys.argv[1]), sys.argv[2]); "
+            "print(next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM')))")
+    finished = subprocess.run([sys.executable, "-c", code, json.dumps(student.to_dict()), str(work / "out")], check=True,
+                              cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+    return int(finished.stdout.split()[-1]) / 1024**2  # kB
 
 
 def main() -> None:
@@ -163,7 +197,11 @@ def main() -> None:
                 peers = datasets.ImageFolder(str(_write_jpegs(work / name, images)), _peer_transform(side, padding))
             theirs = peer_rate(peers, args.workers) / max(args.workers, 1)
             print(f"{name:<16}{ours:>20.0f}{theirs:>28.0f}{ours / theirs:>8.1f}")
-        print(f"{'imagenet (streamed)':<16}  not measured: the streaming DataLoader path is not built yet")
+        images = _images(args.images, 448, seed=448)[:, :, :336, :]  # 336x448: about ImageNet's mean size
+        folder = _write_jpegs(work / "imagenet", images)
+        ours = streamed_rate(folder, args.workers) / max(args.workers, 1)
+        theirs = peer_rate(datasets.ImageFolder(str(folder), _peer_imagenet_transform()), args.workers) / max(args.workers, 1)
+        print(f"{'imagenet-stream':<16}{ours:>20.0f}{theirs:>28.0f}{ours / theirs:>8.2f}  (goal >= 0.9)")
         if not args.skip_rss:
             peak = student_stage_peak_rss_gb(work)
             print(f"peak RSS of a CIFAR-100 student stage: {peak:.2f} GB (goal <= {RSS_GOAL_GB} GB)")

@@ -167,9 +167,10 @@ def read(name: str, root: str | None) -> RawSplits:
     _check_class_names(members[layout.meta_member], layout, names_key, num_classes)
     train = [_images_and_labels(members[member], layout, label_key, num_classes) for member in layout.train_members]
     test_images, test_labels = _images_and_labels(members[layout.test_member], layout, label_key, num_classes)
+    # CIFAR-100's one training member is used as it is: concatenating would hold a second 150 MB copy at the peak.
     return RawSplits(
-        np.concatenate([images for images, _ in train]),
-        np.concatenate([labels for _, labels in train]),
+        train[0][0] if len(train) == 1 else np.concatenate([images for images, _ in train]),
+        train[0][1] if len(train) == 1 else np.concatenate([labels for _, labels in train]),
         test_images,
         test_labels,
     )
