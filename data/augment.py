@@ -1,4 +1,5 @@
-"""Batched training augmentation on in-memory image tensors: a random crop and flip per image.
+"""Batched training augmentation on in-memory image tensors (a random crop and flip per image), and
+the per-batch normalisation every data path shares.
 
 A whole batch is cropped with one gather (pad once, then pick each image's pixels by flat index
 from its own row and column offsets), so the cost is a few tensor operations whatever the batch
@@ -37,3 +38,11 @@ class RandomCropFlip:
         padded = F.pad(images, (self.pad, self.pad, self.pad, self.pad)).flatten(2)
         pixels = (rows[:, :, None] * (width + 2 * self.pad) + columns[:, None, :]).view(count, 1, height * width)
         return padded.gather(2, pixels.expand(-1, channels, -1)).view(count, channels, height, width)
+
+
+def normalise(images: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+    """A batch of uint8 images as float32, per channel ``(x - mean) / std`` (pixel units), on the
+    batch's device: done per batch, after the uint8 batch reached that device."""
+    mean_tensor = torch.tensor(mean, device=images.device)[:, None, None]
+    std_tensor = torch.tensor(std, device=images.device)[:, None, None]
+    return images.float().sub_(mean_tensor).div_(std_tensor)

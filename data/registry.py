@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from data import cifar, digits, imagefolder
+from data.augment import normalise
 from data.errors import DatasetError
 from data.files import NO_DATA_ROOT, fingerprint
 from data.layouts import folder_facts
@@ -63,9 +64,7 @@ class DatasetSplits:
 
     def normalise(self, images: Tensor) -> Tensor:
         """A batch of uint8 images as float32, per channel ``(x - mean) / std``, on the batch's device."""
-        mean = torch.tensor(self.channel_mean, device=images.device)[:, None, None]
-        std = torch.tensor(self.channel_std, device=images.device)[:, None, None]
-        return images.float().sub_(mean).div_(std)
+        return normalise(images, self.channel_mean, self.channel_std)
 
     def epoch_images(self, order: Tensor, batch_size: int, generator: torch.Generator | None) -> Iterator[Tensor]:
         """uint8 training batches of the images at ``order``, each batch augmented with draws from

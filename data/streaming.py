@@ -32,6 +32,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as F
 
+from data.augment import normalise
 from data.imagefolder import decode_file
 from data.splits import StreamedParts
 
@@ -142,9 +143,7 @@ class StreamedSplits:
         return torch.from_numpy(self.parts.test_labels)
 
     def normalise(self, images: Tensor) -> Tensor:
-        mean = torch.tensor(self.channel_mean, device=images.device)[:, None, None]
-        std = torch.tensor(self.channel_std, device=images.device)[:, None, None]
-        return images.float().sub_(mean).div_(std)
+        return normalise(images, self.channel_mean, self.channel_std)
 
     def _train_files(self) -> _ImageFiles:
         return _ImageFiles(self.parts.folder, self.parts.train_paths, self.image_shape[-1])
@@ -173,5 +172,5 @@ class StreamedSplits:
 
 
 def _image_seed(base: int, position: int) -> int:
-    """The seed of one training image's crop and flip in one epoch: distinct per position, in torch's seed range."""
+    """The seed of one training image's crop and flip in one epoch: distinct per position within the epoch."""
     return (base * 1_000_003 + position) % 2**63
