@@ -305,35 +305,39 @@ class EpochLoop:
         log["status"] = "done"
         return log
 
+    def _stop_if_not_finite(self, sums: "_DeviceSums", epoch: int) -> None:
+        problem = sums.first_not_finite()
+        if problem is not None:
+            name, value, step = problem
+            raise NonFiniteLossError(
+                f"{self.folders.logs}: loss term {name!r} is {value} at epoch {epoch + 1} step {step + 1}; "
+                "lower the learning rate or this term's weight"
+            )
+
     def _train_one_epoch(self, optimizer: torch.optim.Optimizer, epoch: int) -> dict[str, Any]:
         steps_per_epoch = math.ceil(len(self.data.train_labels) / self.settings.batch_size)
         lr = learning_rate(self.settings, epoch, 0, steps_per_epoch)
         self.modules.train()
         started = time.perf_counter()
-        term_sums: dict[str, float] = {}
-        correct = seen = 0
+        sums = _DeviceSums(self.device)
+        seen = 0
         for step, (images, labels, indices) in enumerate(training_batches(self.data, self.settings, epoch)):
             images, labels, indices = images.to(self.device), labels.to(self.device), indices.to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.stage.amp):
                 terms, logits = self.compute_terms(images, labels, epoch, indices, step_generator(self.settings.seed, epoch, step))
-            total = sum(terms.values())
-            for name, value in terms.items():
-                if not torch.isfinite(value):
-                    raise NonFiniteLossError(
-                        f"{self.folders.logs}: loss term {name!r} is {value.item()} at epoch {epoch + 1} step {step + 1}; "
-                        "lower the learning rate or this term's weight"
-                    )
-                term_sums[name] = term_sums.get(name, 0.0) + value.item() * len(labels)
+            sums.add(step, terms, len(labels), logits, labels)
+            if (step + 1) % SYNC_EVERY_STEPS == 0:
+                self._stop_if_not_finite(sums, epoch)
             rate = learning_rate(self.settings, epoch, step, steps_per_epoch)
             for group in optimizer.param_groups:
                 # A checkpoint written before lr scales existed has groups without one.
                 group["lr"] = rate * group.get("lr_scale", 1.0)
             optimizer.zero_grad(set_to_none=True)
-            total.backward()
+            sum(terms.values()).backward()
             optimizer.step()
             seen += len(labels)
-            if logits is not None:
-                correct += (logits.argmax(dim=1) == labels).sum().item()
+        self._stop_if_not_finite(sums, epoch)
+        term_sums, correct = sums.read()
         terms_mean = {name: value / seen for name, value in term_sums.items()}
         entry = {
             "epoch": epoch + 1,
@@ -351,6 +355,60 @@ class EpochLoop:
                 entry[f"{split}_acc"] = accuracy(logits, getattr(self.data, f"{split}_labels"))
         entry["epoch_time_s"] = time.perf_counter() - started
         return entry
+
+
+SYNC_EVERY_STEPS = 50
+"""How often the loop reads the device's loss checks: a non-finite term stops training at most this
+many steps after it appeared (the checkpoint is the last whole epoch's either way), while no step
+waits for the device to catch up."""
+
+
+class _DeviceSums:
+    """An epoch's loss-term sums, correct predictions and first non-finite term, kept on the device.
+
+    Reading a value (``.item()``) makes the host wait for the device; done every step, it keeps a GPU
+    idle between steps. Here every step only queues tensor operations, and the host reads all of it
+    at once (``read``, ``first_not_finite``). The sums are float64 of (term x batch size), added in
+    step order, the same numbers as summing ``.item()`` values in Python.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.term_sums: dict[str, torch.Tensor] = {}
+        self.bad_step: dict[str, torch.Tensor] = {}
+        self.bad_value: dict[str, torch.Tensor] = {}
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+
+    def add(self, step: int, terms: Mapping[str, torch.Tensor], count: int, logits: torch.Tensor | None, labels: torch.Tensor) -> None:
+        for name, value in terms.items():
+            value = value.detach().double()
+            if name not in self.term_sums:
+                self.term_sums[name] = torch.zeros((), dtype=torch.float64, device=self.device)
+                self.bad_step[name] = torch.full((), -1, dtype=torch.int64, device=self.device)
+                self.bad_value[name] = torch.zeros((), dtype=torch.float64, device=self.device)
+            self.term_sums[name] += value * count
+            first = (self.bad_step[name] < 0) & ~torch.isfinite(value)
+            self.bad_step[name] = torch.where(first, step, self.bad_step[name])
+            self.bad_value[name] = torch.where(first, value, self.bad_value[name])
+        if logits is not None:
+            self.correct += (logits.argmax(dim=1) == labels).sum()
+
+    def first_not_finite(self) -> tuple[str, float, int] | None:
+        """(term, its value, 0-based step) of the earliest non-finite term so far, or None."""
+        if not self.bad_step:
+            return None
+        names = list(self.bad_step)
+        steps = torch.stack([self.bad_step[name] for name in names]).tolist()
+        found = [(step, index) for index, step in enumerate(steps) if step >= 0]
+        if not found:
+            return None
+        step, index = min(found)
+        return names[index], self.bad_value[names[index]].item(), step
+
+    def read(self) -> tuple[dict[str, float], int]:
+        """The term sums and the number of correct predictions, as Python numbers."""
+        values = torch.stack(list(self.term_sums.values())).tolist() if self.term_sums else []
+        return dict(zip(self.term_sums, values)), int(self.correct.item())
 
 
 def training_outputs(folders: StageFolders) -> list[Path]:

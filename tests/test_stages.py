@@ -232,6 +232,27 @@ def test_nan_term_stops_training_in_that_epoch(
     assert not student.is_done() and not student.final_weights.exists()
 
 
+def test_epoch_sums_kept_on_the_device_are_the_python_sums_and_name_the_first_non_finite_term() -> None:
+    """The loop reads the device once per epoch (and every SYNC_EVERY_STEPS for the NaN check): its
+    float64 sums are bit for bit what adding ``.item()`` values in Python gives."""
+    from stages.training import _DeviceSums
+
+    generator = torch.Generator().manual_seed(0)
+    sums, expected, correct = _DeviceSums(torch.device("cpu")), {"ce": 0.0, "kd": 0.0}, 0
+    for step in range(7):
+        terms = {name: torch.rand((), generator=generator) * 3 for name in ("ce", "kd")}
+        logits, labels = torch.randn(5, 4, generator=generator), torch.randint(4, (5,), generator=generator)
+        sums.add(step, terms, 5, logits, labels)
+        for name, value in terms.items():
+            expected[name] = expected[name] + value.item() * 5
+        correct += (logits.argmax(1) == labels).sum().item()
+    assert sums.read() == (expected, correct) and sums.first_not_finite() is None
+
+    sums.add(7, {"ce": torch.tensor(1.0), "kd": torch.tensor(float("inf"))}, 5, None, labels)
+    sums.add(8, {"ce": torch.tensor(float("nan")), "kd": torch.tensor(float("nan"))}, 5, None, labels)
+    assert sums.first_not_finite() == ("kd", float("inf"), 7)  # the earliest, not the last or the first by name
+
+
 # 7. submit is idempotent ------------------------------------------------------------------------------------------
 
 def test_second_submit_skips_every_stage(tiny_submitted: SweepRun) -> None:
