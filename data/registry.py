@@ -175,14 +175,14 @@ def _split(
     augment: Callable[[Tensor, torch.Generator], Tensor],
 ) -> Splits:
     train, val = stratified_holdout(raw.train_labels, val_fraction, split_seed)
-    if isinstance(raw, StreamedParts):
-        if subset_size is not None:
-            train = train[_training_subset(name, raw.train_labels, train, subset_size, split_seed)]
-        image_shape = tuple(_module(name).DATASETS[name]["image_shape"])
-        return StreamedSplits(raw, train, val, num_classes, image_shape, workers=torch.get_num_threads())
-    mean, std = _channel_statistics(raw.train_images, train)
+    streamed = isinstance(raw, StreamedParts)
+    if not streamed:  # before the subset: the statistics are the whole training split's
+        mean, std = _channel_statistics(raw.train_images, train)
     if subset_size is not None:
         train = train[_training_subset(name, raw.train_labels, train, subset_size, split_seed)]
+    if streamed:
+        image_shape = tuple(_module(name).DATASETS[name]["image_shape"])
+        return StreamedSplits(raw, train, val, num_classes, image_shape, workers=torch.get_num_threads())
 
     def images(values: np.ndarray) -> Tensor:
         return torch.from_numpy(np.ascontiguousarray(values, dtype=np.uint8))

@@ -100,14 +100,13 @@ def _single_threaded_worker(_: int) -> None:
 
 
 def _image_batches(dataset: _ImageFiles, batches: list[list[tuple[int, int | None]]], workers: int) -> Iterator[Tensor]:
-    loader = DataLoader(
+    return iter(DataLoader(
         dataset, batch_sampler=batches, num_workers=workers,
         worker_init_fn=_single_threaded_worker if workers else None,
         # its own generator: the loader draws its workers' base seed, which must not come from (and
         # shift) the caller's stream; the images' draws do not use it
         generator=torch.Generator(),
-    )
-    yield from loader
+    ))
 
 
 @dataclass(frozen=True, eq=False)
