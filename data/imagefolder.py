@@ -9,6 +9,9 @@ itself (1.28M images, 190 GB as uint8 at 224 px) does not fit in memory: above
 ``IMAGENET_IN_MEMORY`` training images ``read`` lists its files instead, which ``data/streaming.py``
 decodes batch by batch; smaller cuts of it (tests, quick runs) read like the rest.
 
+torchvision is imported inside the decoding functions: its C extension costs every process that
+imports it 160 MB of resident memory, and only the stages that decode files need it.
+
 Each is ``prepared``: a ``prepare_data`` stage decodes the folder once into a uint8 tensor file that
 every stage of every sweep on the same files reads (``stages/prepare_data.py``).
 
@@ -25,8 +28,6 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import Tensor
-from torchvision.io import ImageReadMode, decode_image, read_file
-from torchvision.transforms.v2 import functional as F
 
 from data.augment import RandomCropFlip
 from data.errors import DatasetCorruptError, one_line
@@ -100,6 +101,8 @@ AUGMENT = CropFlipBySize()
 
 def decode_file(path: Path) -> Tensor:
     """One image file as uint8 (3, H, W) RGB at its own size; an undecodable file is a one-line error naming it."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
+
     try:
         return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
     except (RuntimeError, OSError, ValueError) as error:
@@ -114,6 +117,8 @@ def load_image(path: Path, height: int, width: int) -> Tensor:
     image = decode_file(path)
     old_height, old_width = image.shape[-2:]
     if (old_height, old_width) != (height, width):
+        from torchvision.transforms.v2 import functional as F
+
         scale = max(height / old_height, width / old_width)
         size = [max(height, round(old_height * scale)), max(width, round(old_width * scale))]
         image = F.center_crop(F.resize(image, size, antialias=True), [height, width])

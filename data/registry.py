@@ -70,7 +70,8 @@ class DatasetSplits:
         """uint8 training batches of the images at ``order``, each batch augmented with draws from
         ``generator`` in turn (None: unaugmented)."""
         for start in range(0, len(order), batch_size):
-            images = self.train_images[order[start : start + batch_size]]
+            # index_select: one contiguous copy per image, 6x faster than advanced indexing on uint8
+            images = self.train_images.index_select(0, order[start : start + batch_size])
             yield images if generator is None else self.augment(images, generator)
 
     def split_images(self, split: str, batch_size: int) -> Iterator[Tensor]:
@@ -205,8 +206,10 @@ def _split(
     )
 
 
-_STATISTICS_CHUNK = 4096
-"""Images per float64 chunk of the channel statistics: bounded memory whatever the split's size."""
+_STATISTICS_CHUNK = 1024
+"""Images per float64 chunk of the channel statistics: bounded memory whatever the split's size (25 MB
+at CIFAR's size, twice that with the squares). The sums are of integers, exact in float64 below
+2**53, so the chunk size does not change a bit of the result."""
 
 
 def _channel_statistics(images: np.ndarray, rows: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -30,7 +30,6 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms.v2 import functional as F
 
 from data.augment import normalise
 from data.imagefolder import decode_file
@@ -83,6 +82,8 @@ class _ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, item: tuple[int, int | None]) -> Tensor:
+        from torchvision.transforms.v2 import functional as F  # imported when used, as in data/imagefolder.py
+
         position, seed = item
         image = decode_file(self.folder / self.paths[position])
         if seed is None:

@@ -12,9 +12,7 @@ from torchvision's VisionTransformer and staged like vit_b_16 (4 stages of 2 blo
 """
 from __future__ import annotations
 
-import torchvision
 from torch import nn
-from torchvision.models.resnet import BasicBlock
 
 from models.torchvision_nets import vit_network, wrap_resnet, wrap_vit
 
@@ -29,7 +27,9 @@ def build(arch: str, num_classes: int, image_shape: tuple[int, int, int]) -> nn.
     """The network named ``arch`` in ``ARCHITECTURES`` for images of ``image_shape``; the registry calls this."""
     image_shape = tuple(image_shape)
     if arch == "resnet9":
-        net = torchvision.models.ResNet(BasicBlock, [1, 1, 1, 1], num_classes=num_classes, zero_init_residual=True)
+        from torchvision.models.resnet import BasicBlock, ResNet  # imported when used, as in torchvision_nets
+
+        net = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=num_classes, zero_init_residual=True)
         return wrap_resnet(net, image_shape)
     entry = ARCHITECTURES[arch]
     net = vit_network(image_shape, num_classes, entry["depth"], entry["heads"], entry["width"], entry["mlp"])

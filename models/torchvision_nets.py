@@ -21,17 +21,23 @@ Scripts/Arch/Templates/ImageTrainer.py ``LoadModel``) and CRD's CIFAR ResNet50:
 
 ``import_state`` renames torchvision's keys to ours and adapts what the input size changed, as
 KD_wo_CE does when it fine-tunes ImageNet teachers on small images (see its docstring).
+
+torchvision is imported inside the functions that build its networks: its import loads its C
+extension, 160 MB of resident memory that every stage would pay, CIFAR ones included.
 """
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import torch
-import torchvision
 from torch import Tensor, nn
 from torch.nn import functional
+
+if TYPE_CHECKING:
+    import torchvision
 
 ARCHITECTURES = {
     "resnet18": {"kind": "resnet", "taps": ["stem", "layer1", "layer2", "layer3", "layer4", "pool"], "min_image_size": 8},
@@ -202,7 +208,9 @@ def vit_patch_size(image_shape: tuple[int, int, int]) -> int:
 def vit_network(image_shape: tuple[int, int, int], num_classes: int, depth: int, heads: int, width: int,
                 mlp: int) -> torchvision.models.VisionTransformer:
     """torchvision's VisionTransformer sized for ``image_shape`` (patch from ``vit_patch_size``)."""
-    return torchvision.models.VisionTransformer(
+    from torchvision.models import VisionTransformer  # see the module docstring: imported when used
+
+    return VisionTransformer(
         image_size=image_shape[1], patch_size=vit_patch_size(image_shape), num_layers=depth, num_heads=heads,
         hidden_dim=width, mlp_dim=mlp, num_classes=num_classes,
     )
@@ -234,7 +242,9 @@ def build(arch: str, num_classes: int, image_shape: tuple[int, int, int]) -> nn.
     if kind == "vit":
         net = vit_network(image_shape, num_classes, depth=12, heads=12, width=768, mlp=3072)
     else:
-        net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+        from torchvision import models  # see the module docstring: imported when used
+
+        net = getattr(models, arch)(weights=None, num_classes=num_classes)
     return _WRAPPERS[kind](net, tuple(image_shape))
 
 
@@ -246,8 +256,10 @@ def _torchvision_keys(arch: str) -> dict[str, str]:
     """torchvision state-dict key -> ours, found by identity: our wrapper holds torchvision's own
     parameter and buffer objects, so wrapping one (on ``meta``, at 224 px) pairs every key exactly.
     The names do not depend on the input size: a replaced module takes the old one's place."""
+    from torchvision import models  # see the module docstring: imported when used
+
     with torch.device("meta"):
-        net = getattr(torchvision.models, arch)(weights=None)
+        net = getattr(models, arch)(weights=None)
         theirs = net.state_dict(keep_vars=True)
         ours = _WRAPPERS[ARCHITECTURES[arch]["kind"]](net, IMAGENET_SHAPE)
     by_id = {id(tensor): name for name, tensor in ours.state_dict(keep_vars=True).items()}

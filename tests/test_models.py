@@ -162,3 +162,25 @@ def test_architectures_literal_is_readable_without_torch() -> None:
 
 def test_models_package_does_not_import_torch() -> None:
     assert Path(resnet_cifar.__file__).with_name("__init__.py").read_text().strip() == ""
+
+
+def test_a_cifar_stage_never_imports_torchvision():
+    """torchvision's import costs a process 160 MB of resident memory (its C extension): the stage
+    modules, a CIFAR network and the CIFAR reader must work without it, and a torchvision network
+    must still build once asked for."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import stages.train_teacher, stages.train_student, stages.evaluate, stages.prepare_data, stages.preflight\n"
+        "import stages.fit_pca, stages.pretrain_paraphraser, data.registry, models.registry\n"
+        "models.registry.build_model('resnet8x4', 100, (3, 32, 32))\n"
+        "print('torchvision' in sys.modules)\n"
+        "models.registry.build_model('resnet18', 10, (3, 32, 32))\n"
+        "models.registry.build_model('resnet9', 10, (3, 32, 32))\n"
+        "print('torchvision' in sys.modules)\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    finished = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert finished.stdout.split() == ["False", "True"]
