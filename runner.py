@@ -43,6 +43,13 @@ def command_plan(args: argparse.Namespace) -> int:
         kinds[spec.kind] = kinds.get(spec.kind, 0) + 1
     summary = ", ".join(f"{count} {kind}" for kind, count in kinds.items())
     print(f"{len(plan.experiments)} experiments -> {len(plan.stages)} stages ({summary}); planned in {time.perf_counter() - started:.3f} s")
+    cached = [spec for spec in plan.stages.values() if spec.kind == "teacher_outputs"]
+    if cached:
+        readers = sum("teacher_outputs" in spec.upstream for spec in plan.stages.values())
+        size = sum(spec.settings["bytes"] for spec in cached)
+        shown = f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+        print(f"teacher cache: {shown} in {len(cached)} "
+              f"teacher_outputs stage(s), read by {readers} student(s) instead of running their teacher")
     return 0
 
 

@@ -29,7 +29,7 @@ LAYER_INDEX_PATH = Path("models", "layer_index.json")
 _NAME = re.compile(r"[A-Za-z0-9_.]+")
 """Names become parts of stage folder names, where '-' separates the parts and ':' splits a pair."""
 _PARAM_KEYS = ("default", "min", "max", "choices", "tap", "length", "type", "required", "help")
-_METHOD_KEYS = ("name", "summary", "uses_teacher", "params", "pre_stage")
+_METHOD_KEYS = ("name", "summary", "uses_teacher", "params", "pre_stage", "teacher_logits_only")
 _TAP_OWNERS = ("teacher", "student")
 
 
@@ -53,11 +53,15 @@ class PreStage:
 
 @dataclass(frozen=True)
 class MethodSpec:
+    """``teacher_logits_only``: the loss reads nothing of the teacher but its logits of the loader's
+    own batch (no taps, no re-mixed images), so a ``teacher_outputs`` stage can stand in for it."""
+
     name: str
     summary: str
     uses_teacher: bool
     params: Mapping[str, Field]
     pre_stage: PreStage | None
+    teacher_logits_only: bool = False
 
 
 COMPOSITION_SEPARATOR = "+"
@@ -187,7 +191,15 @@ def _method(path: Path, literal: Any) -> MethodSpec:
     for key in raw_params:
         _expect(isinstance(key, str) and key.isidentifier(), path, f"METHOD.params.{key}", "must be a Python identifier")
     params = {key: _param(path, f"METHOD.params.{key}", spec) for key, spec in raw_params.items()}
-    return MethodSpec(name, summary, literal["uses_teacher"], MappingProxyType(params), _pre_stage(path, literal, params))
+    logits_only = literal.get("teacher_logits_only", False)
+    _expect(isinstance(logits_only, bool), path, "METHOD.teacher_logits_only", "must be true or false")
+    _expect(not logits_only or literal["uses_teacher"], path, "METHOD.teacher_logits_only",
+            "only a method that uses the teacher reads its logits")
+    taps = [key for key, field in params.items() if field.tap == "teacher"]
+    _expect(not logits_only or not taps, path, "METHOD.teacher_logits_only",
+            f"a method with teacher taps ({', '.join(taps)}) reads more than the teacher's logits")
+    return MethodSpec(name, summary, literal["uses_teacher"], MappingProxyType(params), _pre_stage(path, literal, params),
+                      logits_only)
 
 
 def _param(path: Path, where: str, spec: Any) -> Field:

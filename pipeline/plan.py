@@ -11,6 +11,12 @@ A stage's hash covers exactly what its output depends on, plus its upstream stag
   ``data.subset_size`` reaches only the student (few-data distillation from a fully trained teacher),
   and only when set, so sweeps without it keep their hashes;
 * pretrain_paraphraser: teacher hash, method name and the params its pre-stage declares;
+* teacher_outputs (``teacher_cache.enabled``, for a student whose every teacher-reading part is
+  ``teacher_logits_only``): teacher hash, the student's data set (subset included), augmentation,
+  cache dtype and, with augmentation on, the student's seed, batch size and epochs (they fix the
+  batches it replays); without augmentation a teacher's logits of an image are one row, shared by
+  every seed and batch size. The student reads it beside its teacher, so a cached student has its
+  own hash;
 * train_student: dataset, student arch, student training settings (seed included), method name and
   all its params (every part's, for a composition such as ``crd+kd``), and the teacher / paraphraser hashes only when the method reads them, so a
   vanilla student is shared by every pair with its architecture and never retrains for a teacher;
@@ -49,7 +55,7 @@ from pipeline.sweep_schema import RUNTIME_KEYS, SECTIONS
 
 __all__ = ["Experiment", "Plan", "StageSpec", "build_plan", "expand"]
 
-_GROUPS = ("data", "teacher", "teacher_evaluate", "paraphraser", "student", "evaluate")
+_GROUPS = ("data", "teacher", "teacher_evaluate", "paraphraser", "teacher_outputs", "student", "evaluate")
 """Stage groups in the order the plan lists them; the order is topological."""
 
 
@@ -67,6 +73,7 @@ def expand(sweep: Sweep, catalogue: Catalogue) -> Plan:
     """The stage graph of a checked sweep."""
     graph = _GraphBuilder(sweep, catalogue)
     experiments = tuple(graph.add_experiment(values) for values in _combinations(sweep.axes))
+    graph.check_teacher_cache()
     return Plan(sweep.name, sweep.path, graph.stages(), experiments)
 
 
@@ -84,6 +91,7 @@ class _GraphBuilder:
         self.catalogue = catalogue
         self.groups: dict[str, dict[str, StageSpec]] = {group: {} for group in _GROUPS}
         self.fingerprints: dict[str, str] = {}
+        self.cache_asked = False
 
     def stages(self) -> dict[str, StageSpec]:
         """All stages by name, in group order; two stages whose names collide is an error."""
@@ -144,6 +152,12 @@ class _GraphBuilder:
             student_upstream["paraphraser"] = paraphraser
         run = [dataset_name, student_arch, values["method"], f"s{seed}"]
         student_training, student_hashed = self._training(sections["student"], "student")
+        cache = sections["teacher_cache"]
+        self.cache_asked |= bool(cache["enabled"])
+        if cache["enabled"] and uses_teacher and all(part.teacher_logits_only for part in parts if part.uses_teacher):
+            student_upstream["teacher_outputs"] = self._teacher_outputs(
+                teacher, teacher_arch, student_dataset, {**student_training, "seed": seed}, cache, sections["student"],
+            )
         student_settings = {"dataset": student_dataset, "arch": student_arch, "method": student_method}
         student = self._stage(
             "student", "train_student", run,
@@ -171,6 +185,40 @@ class _GraphBuilder:
             student_stage=student.name,
             evaluate_stage=evaluate.name,
         )
+
+    def _teacher_outputs(
+        self, teacher: StageSpec, teacher_arch: str, dataset: Mapping[str, Any], training: Mapping[str, Any],
+        cache: Mapping[str, Any], runtime_section: Mapping[str, Any],
+    ) -> StageSpec:
+        """The stage that runs ``teacher`` once over the batches a student with ``training`` sees."""
+        augment = bool(training["augment"])
+        replayed = {"seed": training["seed"], "batch_size": training["batch_size"], "epochs": training["epochs"]}
+        hashed = {"dataset": dict(dataset), "augment": augment, "dtype": cache["dtype"], **(replayed if augment else {})}
+        spec = self.catalogue.dataset(dataset["name"], self.sweep.data_root)
+        rows = (training["epochs"] if augment else 1) * spec.training_split_size(
+            float(dataset["val_fraction"]), dataset.get("subset_size"))
+        size = rows * spec.num_classes * (2 if cache["dtype"] == "float16" else 4)
+        settings = {**hashed, "teacher_arch": teacher_arch, "training": dict(training), "bytes": size}
+        readable = [dataset["name"], teacher_arch, *([f"s{training['seed']}"] if augment else ["once"])]
+        return self._stage(
+            "teacher_outputs", "teacher_outputs", readable, settings=settings, upstream={"teacher": teacher},
+            runtime=self._runtime(runtime_section), hashed=hashed, data=self._data_stage(dataset),
+        )
+
+    def check_teacher_cache(self) -> None:
+        """SweepError when ``teacher_cache.enabled`` caches nothing, or more than ``teacher_cache.limit_gb``."""
+        stages = self.groups["teacher_outputs"].values()
+        if self.cache_asked and not stages:
+            logit_only = sorted(name for name, method in self.catalogue.methods.items() if method.teacher_logits_only)
+            raise SweepError(self.sweep.path, "defaults.teacher_cache.enabled",
+                             "no method of this sweep reads only the teacher's logits, so nothing can be cached",
+                             logit_only)
+        total = sum(stage.settings["bytes"] for stage in stages)
+        limit = float(self.sweep.defaults["teacher_cache"]["limit_gb"])
+        if total > limit * 1e9:
+            raise SweepError(self.sweep.path, "defaults.teacher_cache.limit_gb",
+                             f"the teacher cache would hold {total / 1e9:.2f} GB in {len(stages)} stage(s), above "
+                             f"the limit of {limit:g} GB; raise the limit, use dtype float16 or fewer epochs")
 
     def _pre_staged_part(
         self, values: Mapping[str, Any], parts: list[MethodSpec], params: Mapping[str, Mapping[str, Any]]

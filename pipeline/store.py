@@ -141,6 +141,11 @@ class StageFolders:
         """A ``prepare_data`` stage's output: the data set's decoded images and labels."""
         return self.weights / "images.pt"
 
+    @property
+    def teacher_logits(self) -> Path:
+        """A ``teacher_outputs`` stage's output: the teacher's logits of every batch its students see."""
+        return self.weights / "teacher_logits.npy"
+
     def is_done(self) -> bool:
         """DONE is there and its files (sizes, and sha256 where the mtime moved) and upstreams match."""
         return self.done_problem() is None and self.done_marker.is_file()
@@ -206,7 +211,8 @@ class StageFolders:
     def discard_outputs(self) -> None:
         """What ``--force`` and ``invalidate`` remove: DONE first, then all a rebuild from scratch rewrites."""
         self.clear_done()
-        for path in (self.checkpoint, self.final_weights, self.best_weights, self.prepared_images, self.log, self.result):
+        for path in (self.checkpoint, self.final_weights, self.best_weights, self.prepared_images, self.teacher_logits,
+                     self.log, self.result):
             path.unlink(missing_ok=True)
 
 

@@ -12,7 +12,10 @@ from typing import Mapping
 
 from pipeline.fields import Field
 
-STAGE_KINDS = ("prepare_data", "train_teacher", "pretrain_paraphraser", "fit_pca", "train_student", "evaluate")
+STAGE_KINDS = (
+    "prepare_data", "train_teacher", "pretrain_paraphraser", "fit_pca", "teacher_outputs", "train_student", "evaluate",
+)
+CACHE_DTYPES = ("float16", "float32")
 TOP_LEVEL_KEYS = ("name", "data_root", "axes", "defaults", "resources")
 NAMED_AXES = ("dataset", "pair", "method", "seed")
 REQUIRED_AXES = ("dataset", "pair", "method")
@@ -75,6 +78,18 @@ SECTIONS: Mapping[str, Mapping[str, Field]] = MappingProxyType({
     # that KD's cross-entropy term keeps its published, unsmoothed form.
     "teacher": {**_TRAINING, "seed": SEED},
     "student": {key: field for key, field in _TRAINING.items() if key != "label_smoothing"},
+    # A teacher_outputs stage (stages/teacher_outputs.py) per teacher and batch sequence, read by
+    # every student of a method that reads only the teacher's logits (METHOD teacher_logits_only).
+    "teacher_cache": {
+        "enabled": Field(
+            "bool", False,
+            help="compute the teacher's logits once per (teacher, data, seed, batch size, augmentation, epochs) "
+                 "and let every logit-only student (kd, dkd, dist, ckd) read them instead of running the teacher",
+        ),
+        "dtype": Field("str", "float16", choices=CACHE_DTYPES,
+                       help="float32 gives the uncached run's losses bit for bit (on a CPU), at twice the size"),
+        "limit_gb": Field("float", 20.0, min=0.0, help="plan refuses a sweep whose cache stages hold more than this"),
+    },
     "evaluate": {"batch_size": Field("int", 256, min=1), "device": Field("str", "auto", choices=DEVICES)},
 })
 """Sections of ``defaults`` besides ``methods``; the student's seed is the ``seed`` axis."""

@@ -3,6 +3,8 @@
 The stage knows no method by name: it asks the method which feature taps it reads, runs the
 frozen teacher (no grad) and the student with those taps, and trains the student together with
 whatever modules the method adds (translator, projection), logging each loss term separately.
+With a ``teacher_outputs`` upstream (``teacher_cache``) the teacher does not run: its logits of
+each batch are read from that stage's file.
 """
 from __future__ import annotations
 
@@ -22,12 +24,16 @@ from stages.loading import (
     model_state,
     new_classifier,
 )
+from stages.teacher_outputs import TeacherLogits, cached_teacher_arch
 from stages.training import ComputeTerms, EpochLoop, TrainingSettings, backbone_lr_scales, training_outputs
 
 
-def distillation_terms(student: nn.Module, teacher: nn.Module | None, method: Method) -> ComputeTerms:
+def distillation_terms(
+    student: nn.Module, teacher: nn.Module | None, method: Method, cached: TeacherLogits | None = None,
+) -> ComputeTerms:
     """One batch's loss terms: the method's batch (mixed, for mixup) through the frozen teacher (no
-    grad) and the student, each with the method's taps."""
+    grad) and the student, each with the method's taps; with ``cached``, the teacher's logits of
+    the batch come from its ``teacher_outputs`` file instead."""
     student_taps = FeatureTaps(student, method.student_taps)
     teacher_taps = FeatureTaps(teacher, method.teacher_taps) if teacher is not None else None
     if method.detached_student_tap is not None:
@@ -38,7 +44,12 @@ def distillation_terms(student: nn.Module, teacher: nn.Module | None, method: Me
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         batch = method.prepare_batch(Batch(images, labels, epoch, indices, generator))
         teacher_output = None
-        if teacher_taps is not None:
+        if cached is not None:
+            if batch.images is not images:
+                raise StageError("the method changes the batch's images (prepare_batch), which the cached teacher "
+                                 "logits never saw; plan it without teacher_cache")
+            teacher_output = ModelOutput(cached.batch(epoch, indices, images.device))
+        elif teacher_taps is not None:
             with torch.no_grad():
                 teacher_output = ModelOutput(*teacher_taps(batch.images))
         student_output = ModelOutput(*student_taps(batch.images))
@@ -65,12 +76,19 @@ def run(stage: StageRun) -> None:
     torch.manual_seed(settings.seed)
     student, imported = new_classifier(arch, data, training.get("init"))
     student = student.to(device)
-    trained_teacher = load_classifier(upstream["teacher"].final_weights, device) if "teacher" in upstream else None
-    teacher = trained_teacher.model if trained_teacher else None
+    cached = None
+    if "teacher_outputs" in upstream:  # the teacher's logits are on file: its network is not needed
+        outputs = upstream["teacher_outputs"]
+        cached, teacher, teacher_arch = TeacherLogits(outputs.teacher_logits), None, cached_teacher_arch(outputs.config)
+    elif "teacher" in upstream:
+        trained_teacher = load_classifier(upstream["teacher"].final_weights, device)
+        teacher, teacher_arch = trained_teacher.model, trained_teacher.arch
+    else:
+        teacher = teacher_arch = None
     image_shape = tuple(data.image_shape)
     context = MethodContext(
         num_classes=data.num_classes,
-        teacher_tap_shapes=tap_shapes(trained_teacher.arch, image_shape, data.num_classes) if trained_teacher else {},
+        teacher_tap_shapes=tap_shapes(teacher_arch, image_shape, data.num_classes) if teacher_arch else {},
         student_tap_shapes=tap_shapes(arch, image_shape, data.num_classes),
         pre_stage_dir=str(upstream["paraphraser"].weights) if "paraphraser" in upstream else None,
         train_size=len(data.train_labels),
@@ -87,7 +105,7 @@ def run(stage: StageRun) -> None:
         stage=stage,
         record={**stage.record(settings.seed), "initial_weights": imported},
         modules=nn.ModuleDict({"model": student, "method": method}),
-        compute_terms=distillation_terms(student, teacher, method),
+        compute_terms=distillation_terms(student, teacher, method, cached),
         data=data,
         settings=settings,
         classifier=deployed,
