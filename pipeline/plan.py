@@ -22,8 +22,9 @@ A stage's hash covers exactly what its output depends on, plus its upstream stag
   vanilla student is shared by every pair with its architecture and never retrains for a teacher;
 * evaluate: the evaluated model's hash and the reference teacher's.
 
-Runtime settings (data_root, device, amp) and the evaluation batch size are not hashed: they change
-where or how fast a stage runs, not what it computes. What the data files hold is hashed, as the
+Runtime settings (data_root and ``sweep_schema.RUNTIME``: device, amp, channels_last, compile,
+cudnn_benchmark) and the evaluation batch size are not hashed: they change where or how fast a
+stage runs, not what it computes. What the data files hold is hashed, as the
 dataset's ``fingerprint`` (``data/files.py``): the same files in another folder give the same
 stages, other files give other stages. A stage shared by several experiments keeps the settings
 and runtime of the first experiment that needs it.
@@ -128,7 +129,7 @@ class _GraphBuilder:
             data=data_stage,
         )
         evaluation = {"dataset": dataset, "batch_size": sections["evaluate"]["batch_size"]}
-        evaluation_runtime = {"data_root": self.sweep.data_root, "device": sections["evaluate"]["device"]}
+        evaluation_runtime = self._runtime(sections["evaluate"])
         teacher_evaluate = self._stage(
             "teacher_evaluate", "evaluate", [dataset_name, teacher_arch, "teacher"],
             settings=evaluation, upstream={"model": teacher}, runtime=evaluation_runtime, hashed={}, data=data_stage,

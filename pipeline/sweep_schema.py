@@ -2,8 +2,9 @@
 
 The defaults make a sweep of a name and three axes complete; they follow the CIFAR distillation
 benchmarks (CRD's RepDistiller: SGD, lr 0.05, batch 64, weight decay 5e-4, 240 epochs, lr x0.1
-after epochs 150, 180 and 210). ``RUNTIME_KEYS`` say where a job runs, not what it computes, so
-they are kept out of stage hashes: moving a run from CPU to GPU must not retrain anything.
+after epochs 150, 180 and 210). ``RUNTIME`` keys say where and how fast a job runs, not what it
+computes, so they are kept out of stage hashes: moving a run from CPU to GPU, or switching
+channels-last or ``torch.compile`` on, must not retrain anything.
 """
 from __future__ import annotations
 
@@ -19,12 +20,30 @@ CACHE_DTYPES = ("float16", "float32")
 TOP_LEVEL_KEYS = ("name", "data_root", "axes", "defaults", "resources")
 NAMED_AXES = ("dataset", "pair", "method", "seed")
 REQUIRED_AXES = ("dataset", "pair", "method")
-RUNTIME_KEYS = ("device", "amp")
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("sgd", "adamw", "lion")
 LR_SCHEDULES = ("cosine", "step", "constant", "onecycle")
 
 SEED = Field("int", 0, min=0)
+
+RUNTIME = {
+    "device": Field("str", "auto", choices=DEVICES),
+    "amp": Field("bool", False, help="bfloat16 autocast of the forward passes; CUDA only, off on a CPU"),
+    "channels_last": Field(
+        "bool", False,
+        help="models and input batches in the channels-last (NHWC) memory layout; CUDA only, off on a CPU",
+    ),
+    "compile": Field(
+        "bool", False,
+        help="torch.compile of the student, teacher and method calls; where it fails the stage runs eager, "
+             "with a one-line warning recorded in log.pkl (compile_fallback)",
+    ),
+    "cudnn_benchmark": Field(
+        "bool", False, help="torch.backends.cudnn.benchmark for the stage process; CUDA only, off on a CPU",
+    ),
+}
+"""Runtime switches of every stage that runs a network: teacher, student (and their pre-stages) and evaluate."""
+RUNTIME_KEYS = tuple(RUNTIME)
 
 _TRAINING = {
     "init": Field(
@@ -60,8 +79,7 @@ _TRAINING = {
         help="fine-tuning: every layer but the classifier (fc) trains at lr x this (the feature-only KD recipe: 0.01)",
     ),
     "augment": Field("bool", True),
-    "device": Field("str", "auto", choices=DEVICES),
-    "amp": Field("bool", False),
+    **RUNTIME,
 }
 
 SECTIONS: Mapping[str, Mapping[str, Field]] = MappingProxyType({
@@ -90,7 +108,7 @@ SECTIONS: Mapping[str, Mapping[str, Field]] = MappingProxyType({
                        help="float32 gives the uncached run's losses bit for bit (on a CPU), at twice the size"),
         "limit_gb": Field("float", 20.0, min=0.0, help="plan refuses a sweep whose cache stages hold more than this"),
     },
-    "evaluate": {"batch_size": Field("int", 256, min=1), "device": Field("str", "auto", choices=DEVICES)},
+    "evaluate": {"batch_size": Field("int", 256, min=1), **RUNTIME},
 })
 """Sections of ``defaults`` besides ``methods``; the student's seed is the ``seed`` axis."""
 

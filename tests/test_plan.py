@@ -122,8 +122,26 @@ def test_runtime_settings_are_not_hashed(plan_of: Callable[..., Plan]) -> None:
     cuda = plan_of(lambda sweep: sweep.update(data_root="/data", defaults={**sweep["defaults"], "teacher": {"device": "cuda"}}))
     assert list(cpu.stages) == list(cuda.stages)
     teacher = experiment_stage(cpu, "kd", "teacher_stage")
-    assert cpu.stages[teacher].runtime == {"data_root": None, "device": "cpu", "amp": False}
-    assert cuda.stages[teacher].runtime == {"data_root": "/data", "device": "cuda", "amp": False}
+    switches_off = {"amp": False, "channels_last": False, "compile": False, "cudnn_benchmark": False}
+    assert cpu.stages[teacher].runtime == {"data_root": None, "device": "cpu", **switches_off}
+    assert cuda.stages[teacher].runtime == {"data_root": "/data", "device": "cuda", **switches_off}
+
+
+@pytest.mark.parametrize("switch", ["amp", "channels_last", "compile", "cudnn_benchmark"])
+def test_runtime_switches_move_no_stage_and_reach_every_network_stage(plan_of: Callable[..., Plan], switch: str) -> None:
+    sections = ("teacher", "student", "evaluate")
+    plain = plan_of()
+    switched = plan_of(lambda sweep: sweep["defaults"].update({section: {switch: True} for section in sections}))
+    swept = plan_of(lambda sweep: sweep["axes"].update({f"{section}.{switch}": [False, True] for section in sections}))
+    assert list(switched.stages) == list(plain.stages) == list(swept.stages)
+    assert [stage.hash for stage in switched.stages.values()] == [stage.hash for stage in plain.stages.values()]
+    assert len(swept.experiments) == 8 * len(plain.experiments)
+    kinds = {stage.kind for stage in switched.stages.values()}
+    assert {"train_teacher", "pretrain_paraphraser", "train_student", "evaluate"} <= kinds
+    for stage in switched.stages.values():
+        if stage.kind != "prepare_data":
+            assert stage.runtime[switch] is True and plain.stages[stage.name].runtime[switch] is False, stage.name
+            assert f'"{switch}"' not in json.dumps(stage.settings), stage.name
 
 
 _DATA_READING_FIELDS = [
