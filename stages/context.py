@@ -9,7 +9,8 @@
 3. takes the stage's lease (``pipeline.leases``); a live holder elsewhere means this runner stands
    aside and returns ``"elsewhere"``, which is not a failure;
 4. clears a damaged DONE (or, with ``force``, the stage's outputs and checkpoint), writes
-   ``config.json``, pins torch to the stage's CPU share and picks the device;
+   ``config.json``, pins torch to the stage's CPU share, picks the device and sets the runtime
+   switches (``stages/runtime.py``) that act on the whole process (``cudnn_benchmark``);
 5. hands a ``StageRun`` to ``stages/<kind>.py``'s ``run``, whose ``finish`` writes ``log.pkl``, the
    plots and last the verified DONE listing the promised files;
 6. releases the lease, whatever happened.
@@ -22,19 +23,22 @@ import platform
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy
 import tensorly
 import torch
+from torch import nn
+from tqdm import tqdm
 
 from pipeline.leases import LeaseHeldError, StageLease, live_lease
 from pipeline.plan import StageSpec
 from pipeline.store import StageFolders, write_json
 from pipeline.sweep_schema import STAGE_KINDS
 from stages.files import StageError, write_stage_log
+from stages.runtime import RuntimeSwitches, compile_call
 
 UPSTREAM_POLL_ENV = "KDBENCH_UPSTREAM_POLL_S"
 
@@ -54,7 +58,9 @@ def select_device(requested: str) -> torch.device:
 
 @dataclass
 class StageRun:
-    """What a stage body needs: its spec and folders, its verified upstream folders, the device, the lease."""
+    """What a stage body needs: its spec and folders, its verified upstream folders, the device and
+    runtime switches, the lease. ``compile_fallbacks`` maps each module whose compiled call failed
+    (``prepare``) to the reason; ``finish`` writes it to log.pkl as ``compile_fallback``."""
 
     spec: StageSpec
     root: Path
@@ -63,11 +69,29 @@ class StageRun:
     device: torch.device
     lease: StageLease
     repaired: str | None = None
+    compile_fallbacks: dict[str, str] = field(default_factory=dict)
 
     @property
-    def amp(self) -> bool:
-        """bfloat16 autocast where the sweep asks for it and the device is a GPU; a no-op on CPU."""
-        return bool(self.spec.runtime.get("amp", False)) and self.device.type == "cuda"
+    def switches(self) -> RuntimeSwitches:
+        """The spec's runtime switches as they take effect on this stage's device."""
+        return RuntimeSwitches.on_device(self.spec.runtime, self.device)
+
+    def prepare(self, module: nn.Module, role: str, call: str = "forward") -> nn.Module:
+        """``module`` (the same object) on the device, channels-last and with ``call`` compiled where
+        the switches say so. ``role`` (student, teacher, method, ...) names it in a compile fallback."""
+        switches = self.switches
+        module.to(self.device)
+        if switches.channels_last:
+            module.to(memory_format=torch.channels_last)
+        if switches.compile:
+            compile_call(module, call, lambda reason: self._compile_failed(role, reason))
+        return module
+
+    def _compile_failed(self, role: str, reason: str) -> None:
+        # tqdm.write: the line goes above a training loop's progress bar, not into it.
+        tqdm.write(f"warning: {self.spec.name}: torch.compile of the {role} failed, it runs eager: {reason}",
+                   file=sys.stderr)
+        self.compile_fallbacks[role] = reason
 
     def heartbeat(self) -> None:
         """Called every epoch: refreshes the lease, and stops this runner if it lost it."""
@@ -94,7 +118,7 @@ class StageRun:
                 "pid": os.getpid(),
                 "seed": seed,
                 "threads": torch.get_num_threads(),
-                "amp": self.amp,
+                **self.switches.record(),
                 "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
                 "pbs_job_id": os.environ.get("PBS_JOBID"),
             },
@@ -108,6 +132,7 @@ class StageRun:
     def finish(self, log: dict[str, Any], outputs: Iterable[Path], plots: bool) -> None:
         """Writes log.pkl (and the plots), then DONE listing config, log and ``outputs`` with their hashes."""
         self.heartbeat()
+        log = {**log, "compile_fallback": dict(self.compile_fallbacks) or None}
         write_stage_log(self.folders, log, plots=plots)
         promised = [self.folders.config, self.folders.log, *outputs]
         missing = [str(path) for path in promised if not path.is_file()]
@@ -147,6 +172,7 @@ def run_stage(spec: StageSpec, root: Path, force: bool = False) -> str:
             folders.clear_done()
         torch.set_num_threads(max(1, int(spec.resources.get("cpus", 1))))
         stage = StageRun(spec, root, folders, upstream, select_device(spec.runtime.get("device", "auto")), lease, repaired)
+        torch.backends.cudnn.benchmark = stage.switches.cudnn_benchmark
         write_json(folders.config, spec.to_dict())
         importlib.import_module(f"stages.{spec.kind}").run(stage)
     finally:

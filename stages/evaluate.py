@@ -2,7 +2,8 @@
 
 The best epoch was chosen by the training stage on the held-out validation split only; the test
 split is read here for reporting, never for choosing. Agreement is the share of test images on
-which the model predicts the same class as the reference teacher.
+which the model predicts the same class as the reference teacher. The models run under the
+evaluate section's runtime switches, as training runs under its own.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from models.registry import parameter_count
 from pipeline.logfiles import read_log
@@ -39,17 +41,21 @@ def run(stage: StageRun) -> None:
     data = load_stage_data(spec, stage.upstream)
     batch_size = int(spec.settings["batch_size"])
     model_folders = upstream["model"]
+
+    def test_logits(model: nn.Module, role: str) -> torch.Tensor:
+        stage.prepare(model, role)
+        return predict(model, data.split_images("test", batch_size), device, data.normalise, stage.switches)
+
     trained = load_classifier(model_folders.final_weights, device)
     reference = None
     if "teacher" in upstream:
-        teacher = load_classifier(upstream["teacher"].final_weights, device).model
-        reference = predict(teacher, data.split_images("test", batch_size), device, data.normalise)
+        reference = test_logits(load_classifier(upstream["teacher"].final_weights, device).model, "teacher")
 
-    last = scores(predict(trained.model, data.split_images("test", batch_size), device, data.normalise), data.test_labels, reference)
+    last = scores(test_logits(trained.model, "model"), data.test_labels, reference)
     best_epoch = read_log(model_folders.logs).get("best_epoch")
     if model_folders.best_weights.is_file():
         best_model = load_classifier(model_folders.best_weights, device).model
-        best = scores(predict(best_model, data.split_images("test", batch_size), device, data.normalise), data.test_labels, reference)
+        best = scores(test_logits(best_model, "best model"), data.test_labels, reference)
     else:  # no validation split (val_fraction 0): there is no best epoch to report, not the last one
         best = {name: None for name in last}
     result = {

@@ -38,10 +38,11 @@ def run(stage: StageRun) -> None:
     )
     data = load_stage_data(spec, stage.upstream)
     teacher = load_classifier(upstream["teacher"].final_weights, device)
+    stage.prepare(teacher.model, "teacher")
     tap = params["teacher_tap"]
     tap_shape = tap_shapes(teacher.arch, tuple(data.image_shape), data.num_classes)[tap]
     torch.manual_seed(PARAPHRASER_SEED)
-    paraphraser = ft.build_paraphraser(tap_shape, params).to(device)
+    paraphraser = stage.prepare(ft.build_paraphraser(tap_shape, params), "paraphraser")
     teacher_taps = FeatureTaps(teacher.model, [tap])
 
     def compute_terms(

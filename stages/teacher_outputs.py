@@ -53,7 +53,8 @@ def run(stage: StageRun) -> None:
     training = spec.settings["training"]
     settings = TrainingSettings.from_settings(training, seed=training["seed"])
     data = load_stage_data(spec, stage.upstream)
-    teacher = load_classifier(stage.upstream["teacher"].final_weights, device).model
+    teacher = stage.prepare(load_classifier(stage.upstream["teacher"].final_weights, device).model, "teacher")
+    switches = stage.switches
     rows = settings.epochs if settings.augment else 1
     shape = (rows, len(data.train_labels), data.num_classes)
     final, partial = folders.teacher_logits, _partial_file(folders.teacher_logits)
@@ -67,8 +68,8 @@ def run(stage: StageRun) -> None:
     started = time.perf_counter()
     for row in range(done, rows):
         for images, indices in _row_batches(data, settings, row):
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=stage.amp):
-                logits = teacher(images.to(device))
+            with torch.no_grad(), switches.autocast(device):
+                logits = teacher(switches.inputs(images, device))
             table[row, indices.numpy()] = logits.float().cpu().numpy()
         table.flush()
         save_torch(folders.checkpoint, {"rows_done": row + 1})

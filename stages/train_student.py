@@ -75,14 +75,14 @@ def run(stage: StageRun) -> None:
 
     torch.manual_seed(settings.seed)
     student, imported = new_classifier(arch, data, training.get("init"))
-    student = student.to(device)
+    student = stage.prepare(student, "student")
     cached = None
     if "teacher_outputs" in upstream:  # the teacher's logits are on file: its network is not needed
         outputs = upstream["teacher_outputs"]
         cached, teacher, teacher_arch = TeacherLogits(outputs.teacher_logits), None, cached_teacher_arch(outputs.config)
     elif "teacher" in upstream:
         trained_teacher = load_classifier(upstream["teacher"].final_weights, device)
-        teacher, teacher_arch = trained_teacher.model, trained_teacher.arch
+        teacher, teacher_arch = stage.prepare(trained_teacher.model, "teacher"), trained_teacher.arch
     else:
         teacher = teacher_arch = None
     image_shape = tuple(data.image_shape)
@@ -96,7 +96,7 @@ def run(stage: StageRun) -> None:
         train_labels=data.train_labels,
     )
     try:
-        method = build_method(spec.settings["method"], context).to(device)
+        method = stage.prepare(build_method(spec.settings["method"], context), "method", call="loss")
     except MethodConfigError as error:
         raise StageError(f"{spec.name}: methods.{error.key}: {error}") from None
     deployed = method.deployed(student)

@@ -16,13 +16,13 @@ from stages.training import EpochLoop, TrainingSettings, backbone_lr_scales, tra
 
 
 def run(stage: StageRun) -> None:
-    spec, device = stage.spec, stage.device
+    spec = stage.spec
     training = spec.settings["training"]
     settings = TrainingSettings.from_settings(training, seed=training["seed"])
     data = load_stage_data(spec, stage.upstream)
     torch.manual_seed(settings.seed)
     model, imported = new_classifier(spec.settings["arch"], data, training.get("init"))
-    model = model.to(device)
+    model = stage.prepare(model, "teacher")
     label_smoothing = float(training["label_smoothing"])
 
     def compute_terms(

@@ -28,6 +28,7 @@ from data.registry import Splits
 from pipeline.store import StageFolders
 from stages.context import StageRun
 from stages.files import StageError, load_torch, save_torch, write_stage_log
+from stages.runtime import RuntimeSwitches
 
 ComputeTerms = Callable[
     [torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Generator], tuple[dict[str, torch.Tensor], torch.Tensor | None]
@@ -217,13 +218,15 @@ def training_batches(data: Splits, settings: TrainingSettings, epoch: int) -> It
 @torch.no_grad()
 def predict(
     model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device,
-    normalise: Callable[[torch.Tensor], torch.Tensor],
+    normalise: Callable[[torch.Tensor], torch.Tensor], switches: RuntimeSwitches = RuntimeSwitches(),
 ) -> torch.Tensor:
-    """Logits of ``model`` in eval mode, on the CPU, for the uint8 image ``batches`` (``split_images``)
-    turned into its inputs by ``normalise`` (the data's) on ``device``."""
+    """Logits of ``model`` in eval mode, as float32 on the CPU, for the uint8 image ``batches``
+    (``split_images``) turned into its inputs by ``normalise`` (the data's) on ``device``, under the
+    stage's ``switches`` (bfloat16 autocast, channels-last inputs) as in training."""
     was_training = model.training
     model.eval()
-    outputs = [model(normalise(images.to(device))).float().cpu() for images in batches]
+    with switches.autocast(device):
+        outputs = [model(switches.inputs(normalise(images.to(device)), device)).float().cpu() for images in batches]
     model.train(was_training)
     return torch.cat(outputs) if outputs else torch.empty(0)
 
@@ -252,8 +255,8 @@ class EpochLoop:
 
     ``classifier`` (if any) is the module whose val accuracy picks the best epoch and whose
     train/val/test accuracy is logged. ``saved_state`` returns what final.pt / best.pt hold.
-    The stage's ``amp`` runs the forward passes under bfloat16 autocast (CUDA only; bfloat16 needs
-    no loss scaler, so the optimiser step and the checkpoint stay exactly as without it). Every
+    The stage's runtime switches (``StageRun.switches``) shape every forward pass: bfloat16 autocast,
+    channels-last batches; the stage prepared its modules for them (``StageRun.prepare``). Every
     epoch starts by refreshing the stage's lease, so a runner that lost it writes nothing more.
     ``lr_scales`` (``parameter_groups``) train parts of ``modules`` at a fraction of the scheduled lr.
     """
@@ -328,10 +331,11 @@ class EpochLoop:
         self.modules.train()
         started = time.perf_counter()
         sums = _DeviceSums(self.device)
+        switches = self.stage.switches
         seen = 0
         for step, (images, labels, indices) in enumerate(training_batches(self.data, self.settings, epoch)):
-            images, labels, indices = images.to(self.device), labels.to(self.device), indices.to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.stage.amp):
+            images, labels, indices = switches.inputs(images, self.device), labels.to(self.device), indices.to(self.device)
+            with switches.autocast(self.device):
                 terms, logits = self.compute_terms(images, labels, epoch, indices, step_generator(self.settings.seed, epoch, step))
             sums.add(step, terms, len(labels), logits, labels)
             if (step + 1) % SYNC_EVERY_STEPS == 0:
@@ -359,7 +363,7 @@ class EpochLoop:
         if self.classifier is not None:
             batch = evaluation_batch_size(self.settings.batch_size, self.device)
             for split in ("val", "test"):
-                logits = predict(self.classifier, self.data.split_images(split, batch), self.device, self.data.normalise)
+                logits = predict(self.classifier, self.data.split_images(split, batch), self.device, self.data.normalise, switches)
                 entry[f"{split}_acc"] = accuracy(logits, getattr(self.data, f"{split}_labels"))
         entry["epoch_time_s"] = time.perf_counter() - started
         return entry
