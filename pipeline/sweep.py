@@ -24,6 +24,7 @@ from pipeline.fields import Field, FieldError, check_tap, unknown_key
 from pipeline.hashing import canonical_json
 from pipeline.sweep_schema import (
     DEFAULTS_KEYS,
+    MULTI_RANK_KINDS,
     NAMED_AXES,
     REQUIRED_AXES,
     RESOURCE_FIELDS,
@@ -32,6 +33,7 @@ from pipeline.sweep_schema import (
     SEED,
     STAGE_KINDS,
     TOP_LEVEL_KEYS,
+    rank_count,
 )
 
 _SWEEP_NAME = re.compile(r"[A-Za-z0-9_-]+")
@@ -435,7 +437,14 @@ class _SweepChecker:
             given[kind] = {key: self._value(f"{where}.{key}", RESOURCE_FIELDS[key], item) for key, item in request.items()}
         built_in = {key: field.default for key, field in RESOURCE_FIELDS.items() if field.default is not None}
         merged = {kind: {**built_in, **given.get("default", {}), **given.get(kind, {})} for kind in STAGE_KINDS}
-        return {kind: {key: item for key, item in request.items() if item is not None} for kind, request in merged.items()}
+        resources = {kind: {key: item for key, item in request.items() if item is not None} for kind, request in merged.items()}
+        for kind, request in resources.items():
+            if kind not in MULTI_RANK_KINDS and rank_count(request) > 1:
+                where = f"resources.{kind}" if kind in given else "resources.default"
+                raise self._error(where, f"asks for {rank_count(request)} ranks (nodes x tasks, tasks defaulting to gpus); "
+                                  f"several ranks per stage run only {', '.join(MULTI_RANK_KINDS)} for now: set "
+                                  f"tasks: 1 (and gpus: 1) for {kind}", MULTI_RANK_KINDS)
+        return resources
 
 
 def _section_values(

@@ -117,7 +117,10 @@ DEFAULTS_KEYS = (*SECTIONS, "methods")
 RESOURCE_FIELDS: Mapping[str, Field] = MappingProxyType({
     "time_min": Field("int", 60, min=1),
     "cpus": Field("int", 2, min=1),
-    "gpus": Field("int", 0, min=0),
+    "gpus": Field("int", 0, min=0, help="GPUs per node; train_teacher runs one rank per GPU (DDP) unless tasks says otherwise"),
+    "tasks": Field("int", None, min=1, help="ranks per node of a train_teacher stage (default: gpus, or 1); "
+                                           "gloo on CPUs, NCCL on GPUs"),
+    "nodes": Field("int", None, min=1, help="nodes of a train_teacher stage's job (default 1)"),
     "mem_gb": Field("float", 4.0, min=0.0),
     "partition": Field("str"),
     "account": Field("str"),
@@ -128,5 +131,19 @@ RESOURCE_FIELDS: Mapping[str, Field] = MappingProxyType({
     "pbs_dialect": Field("str", choices=("pro", "torque")),
 })
 """Scheduler requests. Keys without a default are optional; null removes one set under ``default``."""
+
+MULTI_RANK_KINDS = ("train_teacher",)
+"""Stage kinds that may run as several ranks (stages/distributed.py). A student's method may keep
+per-sample state (CRD's memory banks) that ranks would each update with only their own samples."""
+
+
+def tasks_per_node(resources: Mapping[str, object]) -> int:
+    """Ranks per node a stage's resources ask for: ``tasks``, else one per GPU, else one."""
+    return int(resources.get("tasks") or max(int(resources.get("gpus") or 0), 1))
+
+
+def rank_count(resources: Mapping[str, object]) -> int:
+    """All ranks of a stage's job: nodes x tasks per node."""
+    return int(resources.get("nodes") or 1) * tasks_per_node(resources)
 
 RESOURCE_SECTIONS = ("default", *STAGE_KINDS)

@@ -37,6 +37,7 @@ from pipeline.leases import LeaseHeldError, StageLease, live_lease
 from pipeline.plan import StageSpec
 from pipeline.store import StageFolders, write_json
 from pipeline.sweep_schema import STAGE_KINDS
+from stages.distributed import Ranks, join_ranks, leave_ranks
 from stages.files import StageError, write_stage_log
 from stages.runtime import RuntimeSwitches, compile_call
 
@@ -59,16 +60,18 @@ def select_device(requested: str) -> torch.device:
 @dataclass
 class StageRun:
     """What a stage body needs: its spec and folders, its verified upstream folders, the device and
-    runtime switches, the lease. ``compile_fallbacks`` maps each module whose compiled call failed
-    (``prepare``) to the reason; ``finish`` writes it to log.pkl as ``compile_fallback``."""
+    runtime switches, the lease (held by rank 0 alone: ``ranks``, stages/distributed.py).
+    ``compile_fallbacks`` maps each module whose compiled call failed (``prepare``) to the reason;
+    ``finish`` writes it to log.pkl as ``compile_fallback``."""
 
     spec: StageSpec
     root: Path
     folders: StageFolders
     upstream: dict[str, StageFolders]
     device: torch.device
-    lease: StageLease
+    lease: StageLease | None
     repaired: str | None = None
+    ranks: Ranks = Ranks()
     compile_fallbacks: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -95,12 +98,13 @@ class StageRun:
 
     def heartbeat(self) -> None:
         """Called every epoch: refreshes the lease, and stops this runner if it lost it."""
-        self.lease.check()
+        if self.lease is not None:
+            self.lease.check()
 
     def record(self, seed: int | None) -> dict[str, Any]:
         """The fields every log.pkl starts with: what ran, with what, where, and by whom."""
         device = self.device
-        taken_over = self.lease.taken_over
+        taken_over = None if self.lease is None else self.lease.taken_over
         return {
             "format": 1,
             "stage": self.spec.kind,
@@ -119,6 +123,7 @@ class StageRun:
                 "seed": seed,
                 "threads": torch.get_num_threads(),
                 **self.switches.record(),
+                "ranks": self.ranks.world,
                 "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
                 "pbs_job_id": os.environ.get("PBS_JOBID"),
             },
@@ -130,7 +135,10 @@ class StageRun:
         }
 
     def finish(self, log: dict[str, Any], outputs: Iterable[Path], plots: bool) -> None:
-        """Writes log.pkl (and the plots), then DONE listing config, log and ``outputs`` with their hashes."""
+        """Writes log.pkl (and the plots), then DONE listing config, log and ``outputs`` with their hashes
+        (rank 0's job; the other ranks write nothing)."""
+        if not self.ranks.writer:
+            return
         self.heartbeat()
         log = {**log, "compile_fallback": dict(self.compile_fallbacks) or None}
         write_stage_log(self.folders, log, plots=plots)
@@ -145,21 +153,39 @@ def run_stage(spec: StageSpec, root: Path, force: bool = False) -> str:
     """Runs one stage to completion (resuming from its checkpoint) unless it is verified DONE.
 
     Returns ``"skipped"`` (already DONE), ``"done"`` (this call built it) or ``"elsewhere"``
-    (another live runner holds it; wait for its DONE).
+    (another live runner holds it; wait for its DONE). In a job of several tasks each task is a rank
+    (stages/distributed.py): rank 0 decides, holds the lease and writes; the others train beside it.
     """
     if spec.kind not in STAGE_KINDS:
         raise ValueError(f"unknown stage kind {spec.kind!r}; allowed: {', '.join(STAGE_KINDS)}")
+    ranks = join_ranks()
+    finished = False
+    try:
+        outcome = _run_as_writer(spec, root, force, ranks) if ranks.writer else _run_beside_writer(spec, root, ranks)
+        finished = True
+        return outcome
+    finally:
+        leave_ranks(ranks, finished)
+
+
+def _run_as_writer(spec: StageSpec, root: Path, force: bool, ranks: Ranks) -> str:
     folders = StageFolders(root, spec.name)
     if not force and folders.is_done():
+        ranks.agree(0)
         return "skipped"
-    upstream = wait_for_upstream(spec, root)
     try:
+        upstream = wait_for_upstream(spec, root)
         lease = StageLease.acquire(folders.logs)
     except LeaseHeldError as held:
+        ranks.agree(0)
         print(f"{held}; standing aside", file=sys.stderr)
         return "elsewhere"
+    except BaseException:
+        ranks.agree(0)
+        raise
     try:
         if not force and folders.is_done():
+            ranks.agree(0)
             return "skipped"
         repaired = None
         if force:
@@ -170,14 +196,38 @@ def run_stage(spec: StageSpec, root: Path, force: bool = False) -> str:
             if folders.changed_upstream() is not None:
                 folders.discard_outputs()
             folders.clear_done()
-        torch.set_num_threads(max(1, int(spec.resources.get("cpus", 1))))
-        stage = StageRun(spec, root, folders, upstream, select_device(spec.runtime.get("device", "auto")), lease, repaired)
-        torch.backends.cudnn.benchmark = stage.switches.cudnn_benchmark
         write_json(folders.config, spec.to_dict())
-        importlib.import_module(f"stages.{spec.kind}").run(stage)
+        ranks.agree(1)
+        _run_body(StageRun(spec, root, folders, upstream, _rank_device(spec, ranks), lease, repaired, ranks))
     finally:
         lease.release()
     return "done"
+
+
+def _run_beside_writer(spec: StageSpec, root: Path, ranks: Ranks) -> str:
+    """A rank above 0: trains the stage if rank 0 does, writing nothing."""
+    if not ranks.agree(0):
+        return "skipped"
+    folders = StageFolders(root, spec.name)
+    upstream = {role: StageFolders(root, name) for role, name in spec.upstream.items()}  # rank 0 verified them
+    _run_body(StageRun(spec, root, folders, upstream, _rank_device(spec, ranks), None, None, ranks))
+    return "done"
+
+
+def _run_body(stage: StageRun) -> None:
+    """The stage kind's own code, with the switches that act on the whole process set first."""
+    torch.backends.cudnn.benchmark = stage.switches.cudnn_benchmark
+    importlib.import_module(f"stages.{stage.spec.kind}").run(stage)
+
+
+def _rank_device(spec: StageSpec, ranks: Ranks) -> torch.device:
+    """The stage's device, for a rank its own GPU (``cuda:<local rank>``), with torch pinned to its CPU share."""
+    torch.set_num_threads(max(1, int(spec.resources.get("cpus", 1))))
+    device = select_device(spec.runtime.get("device", "auto"))
+    if device.type == "cuda" and ranks.world > 1:
+        device = torch.device("cuda", ranks.local_rank)
+        torch.cuda.set_device(device)
+    return device
 
 
 def wait_for_upstream(spec: StageSpec, root: Path) -> dict[str, StageFolders]:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from data.registry import Splits
 from pipeline.store import StageFolders
 from stages.context import StageRun
+from stages.distributed import Ranks, sync_batchnorm
 from stages.files import StageError, load_torch, save_torch, write_stage_log
 from stages.runtime import RuntimeSwitches
 
@@ -280,6 +281,9 @@ class EpochLoop:
         return self.stage.device
 
     def run(self) -> dict[str, Any]:
+        ranks = self.stage.ranks
+        if ranks.world > 1:
+            sync_batchnorm(self.modules, self.device)
         optimizer = build_optimizer(parameter_groups(self.modules, self.lr_scales), self.settings)
         log = dict(self.record, epochs=[], best_epoch=None, status="running", resumed_after_epochs=[])
         best_val = -1.0
@@ -294,11 +298,14 @@ class EpochLoop:
         progress = tqdm(
             range(start_epoch, self.settings.epochs), initial=start_epoch, total=self.settings.epochs,
             desc=self.folders.name[:60], file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 30.0,
+            disable=not ranks.writer,
         )
         for epoch in progress:
             entry = self._train_one_epoch(optimizer, epoch)
-            self.stage.heartbeat()
             log["epochs"].append(entry)
+            if not ranks.writer:
+                continue
+            self.stage.heartbeat()
             val_acc = entry["val_acc"]
             if val_acc is not None and val_acc > best_val:
                 best_val, log["best_epoch"] = val_acc, entry["epoch"]
@@ -312,7 +319,8 @@ class EpochLoop:
             write_stage_log(self.folders, log, plots=False)
             progress.set_postfix(loss=f"{entry['train_loss']:.3f}", val=_percent(val_acc), test=_percent(entry["test_acc"]))
         progress.close()
-        save_torch(self.folders.final_weights, self.saved_state())
+        if ranks.writer:
+            save_torch(self.folders.final_weights, self.saved_state())
         log["status"] = "done"
         return log
 
@@ -331,25 +339,33 @@ class EpochLoop:
         self.modules.train()
         started = time.perf_counter()
         sums = _DeviceSums(self.device)
-        switches = self.stage.switches
+        ranks, switches = self.stage.ranks, self.stage.switches
         seen = 0
         for step, (images, labels, indices) in enumerate(training_batches(self.data, self.settings, epoch)):
+            batch_size = len(labels)
+            if ranks.world > 1:  # this rank's share of the global batch
+                share = ranks.shard(batch_size)
+                images, labels, indices = images[share], labels[share], indices[share]
             images, labels, indices = switches.inputs(images, self.device), labels.to(self.device), indices.to(self.device)
-            with switches.autocast(self.device):
-                terms, logits = self.compute_terms(images, labels, epoch, indices, step_generator(self.settings.seed, epoch, step))
-            sums.add(step, terms, len(labels), logits, labels)
-            if (step + 1) % SYNC_EVERY_STEPS == 0:
-                self._stop_if_not_finite(sums, epoch)
             rate = learning_rate(self.settings, epoch, step, steps_per_epoch)
             for group in optimizer.param_groups:
                 # A checkpoint written before lr scales existed has groups without one.
                 group["lr"] = rate * group.get("lr_scale", 1.0)
             optimizer.zero_grad(set_to_none=True)
-            sum(terms.values()).backward()
+            if len(labels):
+                with switches.autocast(self.device):
+                    terms, logits = self.compute_terms(images, labels, epoch, indices, step_generator(self.settings.seed, epoch, step))
+                sums.add(step, terms, len(labels), logits, labels)
+                loss = sum(terms.values())
+                # Weighted by the share, the ranks' summed gradients are the whole batch's mean gradient.
+                (loss if ranks.world == 1 else loss * (len(labels) / batch_size)).backward()
+            ranks.sum_gradients(parameter for group in optimizer.param_groups for parameter in group["params"])
+            if (step + 1) % SYNC_EVERY_STEPS == 0:
+                self._stop_if_not_finite(sums, epoch)
             optimizer.step()
             seen += len(labels)
         self._stop_if_not_finite(sums, epoch)
-        term_sums, correct = sums.read()
+        term_sums, correct, seen = sums.read(ranks, seen)
         terms_mean = {name: value / seen for name, value in term_sums.items()}
         entry = {
             "epoch": epoch + 1,
@@ -360,7 +376,7 @@ class EpochLoop:
             "test_acc": None,
             "lr": lr,
         }
-        if self.classifier is not None:
+        if self.classifier is not None and ranks.writer:
             batch = evaluation_batch_size(self.settings.batch_size, self.device)
             for split in ("val", "test"):
                 logits = predict(self.classifier, self.data.split_images(split, batch), self.device, self.data.normalise, switches)
@@ -417,10 +433,15 @@ class _DeviceSums:
         step, index = min(found)
         return names[index], self.bad_value[names[index]].item(), step
 
-    def read(self) -> tuple[dict[str, float], int]:
-        """The term sums and the number of correct predictions, as Python numbers."""
-        values = torch.stack(list(self.term_sums.values())).tolist() if self.term_sums else []
-        return dict(zip(self.term_sums, values)), int(self.correct.item())
+    def read(self, ranks: Ranks, seen: int) -> tuple[dict[str, float], int, int]:
+        """The term sums, the number of correct predictions and of samples (this rank's ``seen``), as
+        Python numbers: each summed over the ranks."""
+        if ranks.world == 1:
+            values = torch.stack(list(self.term_sums.values())).tolist() if self.term_sums else []
+            return dict(zip(self.term_sums, values)), int(self.correct.item()), seen
+        counts = ranks.sum(torch.stack([self.correct, torch.tensor(seen, device=self.device)]))
+        values = ranks.sum(torch.stack(list(self.term_sums.values()))).tolist() if self.term_sums else []
+        return dict(zip(self.term_sums, values)), int(counts[0].item()), int(counts[1].item())
 
 
 def training_outputs(folders: StageFolders) -> list[Path]:

@@ -25,6 +25,7 @@ from pipeline.manifest import Manifest, submit_lock
 from pipeline.plan import build_plan
 from pipeline.store import CorruptFileError, StageFolders
 from stages import run_stage
+from stages.distributed import Ranks
 from stages.files import StageError
 from stages.training import NonFiniteLossError
 from tests.conftest import PNG_SIGNATURE, REPO, RUNNER, SweepRun, copy_stage, run_runner, stage_name, temporary_files, write_sweep
@@ -246,7 +247,7 @@ def test_epoch_sums_kept_on_the_device_are_the_python_sums_and_name_the_first_no
         for name, value in terms.items():
             expected[name] = expected[name] + value.item() * 5
         correct += (logits.argmax(1) == labels).sum().item()
-    assert sums.read() == (expected, correct) and sums.first_not_finite() is None
+    assert sums.read(Ranks(), 7) == (expected, correct, 7) and sums.first_not_finite() is None
 
     sums.add(7, {"ce": torch.tensor(1.0), "kd": torch.tensor(float("inf"))}, 5, None, labels)
     sums.add(8, {"ce": torch.tensor(float("nan")), "kd": torch.tensor(float("nan"))}, 5, None, labels)

@@ -23,6 +23,7 @@ from pipeline.manifest import Manifest
 from pipeline.plan import Plan, StageSpec
 from pipeline.progress import LiveProgress
 from pipeline.store import StageFolders
+from pipeline.sweep_schema import rank_count
 
 StageJob = Callable[[dict[str, Any], str], str]
 """What a job runs: (stage spec as a dict, output root) -> stage name. Passed in by the caller."""
@@ -142,7 +143,7 @@ class LocalBackend:
 
     def _submit(self, spec: StageSpec) -> submitit.Job:
         executor = submitit.LocalExecutor(folder=self.jobs_dir / "local" / "%j")
-        executor.update_parameters(timeout_min=int(spec.resources.get("time_min", 60)))
+        executor.update_parameters(timeout_min=int(spec.resources.get("time_min", 60)), tasks_per_node=rank_count(spec.resources))
         return executor.submit(self.job, spec.to_dict(), str(self.root))
 
     def _ready(self, waiting: list[StageSpec], outcomes: dict[str, StageOutcome]) -> list[StageSpec]:
@@ -173,7 +174,7 @@ class LocalBackend:
         """The finished job's outcome; None when it stood aside for a live runner elsewhere."""
         error = job.exception()
         if error is None:
-            if job.result() == "elsewhere":
+            if job.results()[0] == "elsewhere":  # rank 0's word, for a job of several ranks
                 manifest.record(name, state="elsewhere")
                 return None
             manifest.record(name, state="done", seconds=round(seconds, 2))

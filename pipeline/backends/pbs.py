@@ -36,6 +36,7 @@ from pipeline.backends import BackendError
 from pipeline.backends import pbs_scripts as scripts
 from pipeline.backends.pbs_job import PBSJobEnvironment
 from pipeline.backends.slurm import SlurmScheduler
+from pipeline.sweep_schema import rank_count
 
 __all__ = [
     "PBSCommandMissing", "PBSError", "PBSExecutor", "PBSJob", "PBSJobEnvironment", "PBSScheduler", "TorqueJob",
@@ -316,6 +317,9 @@ class PBSScheduler:
     def executor(self, folder: Path, resources: dict[str, tp.Any], after: list[str], job_name: str) -> PBSExecutor:
         if shutil.which("qsub") is None:
             raise PBSCommandMissing("pbs backend: 'qsub' not found on PATH; run on a PBS or Torque login node")
+        if rank_count(resources) > 1:
+            raise BackendError(f"pbs backend: {job_name} asks for {rank_count(resources)} ranks (tasks x nodes); "
+                                    "several ranks per stage run on the local and slurm backends only, for now")
         self.calls += 1  # the array's one qsub
         executor = PBSExecutor(folder, dialect=resources.get("pbs_dialect") or "pro", max_num_timeout=10,
                                slurm_wrappers=self.slurm_wrappers)

@@ -21,6 +21,7 @@ from typing import Any
 import submitit
 
 from pipeline.backends import BackendError
+from pipeline.sweep_schema import tasks_per_node
 
 
 TASK_STARTED = ("Job is no longer pending execution", "Job has already finished")
@@ -58,8 +59,8 @@ def sbatch_parameters(resources: dict[str, Any]) -> dict[str, Any]:
         "signal_delay_s": min(90, max(10, time_min * 6)),
         "cpus_per_task": int(resources.get("cpus", 1)),
         "mem": f"{math.ceil(float(resources.get('mem_gb', 4)) * 1024)}MB",  # sbatch refuses fractional sizes
-        "nodes": 1,
-        "ntasks_per_node": 1,
+        "nodes": int(resources.get("nodes") or 1),
+        "ntasks_per_node": tasks_per_node(resources),  # one rank per task (stages/distributed.py)
     }
     if int(resources.get("gpus", 0)) > 0:
         parameters["gpus_per_node"] = int(resources["gpus"])

@@ -227,3 +227,19 @@ def test_a_stage_waits_only_on_its_own_upstream_jobs(slurm_cluster, tmp_path: Pa
     for experiment in slow:
         assert stage_times(root, experiment.evaluate_stage)[0] >= slow_teacher_done
     assert stage_times(root, next(e for e in slow if e.method == "kd").student_stage)[0] >= slow_teacher_done
+
+
+def test_a_two_task_teacher_job_trains_as_two_gloo_ranks(slurm_cluster, tmp_path: Path) -> None:
+    """``resources.train_teacher.tasks: 2``: one sbatch job of two tasks (srun), which become ranks 0
+    and 1 of torch.distributed (gloo on this CPU node) and train one teacher stage together."""
+    resources = {**RESOURCES, "train_teacher": {"tasks": 2}}
+    sweep = write_sweep(tmp_path, "slurm-ranks", {"pair": ["resnet20:resnet8x0.25"], "method": ["vanilla"], "seed": [0]},
+                        {"teacher": {"epochs": 2, "lr_schedule": "cosine"}, "student": {"epochs": 1}}, resources)
+    root = tmp_path / "out"
+    result = runner("submit", str(sweep), "--backend", "slurm", "--wait", "--root", str(root))
+    assert result.returncode == 0, result.stdout + result.stderr
+    teacher = next(name for name, spec in build_plan(sweep).stages.items() if spec.kind == "train_teacher")
+    log = read_log(StageFolders(root, teacher).logs)
+    assert log["environment"]["ranks"] == 2 and log["environment"]["slurm_job_id"]
+    assert [entry["epoch"] for entry in log["epochs"]] == [1, 2]
+    assert StageFolders(root, teacher).is_done()
