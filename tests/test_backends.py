@@ -19,6 +19,7 @@ from pipeline.backends.cluster import ClusterBackend, array_groups
 from pipeline.backends.slurm import SlurmScheduler, sbatch_parameters
 from pipeline.manifest import Manifest, SubmitLockedError, submit_lock
 from pipeline.plan import build_plan
+from pipeline.store import StageFolders
 from pipeline.status import sweep_status
 from tests.conftest import REPO, write_sweep
 
@@ -219,14 +220,21 @@ def test_local_cancel_stops_a_running_stage_and_blocks_its_dependants(tmp_path: 
     teacher = plan.experiments[0].teacher_stage
     jobs_dir = root / "jobs" / "tiny"
     deadline = time.monotonic() + 120
-    while Manifest.load(jobs_dir).stages.get(teacher, {}).get("state") != "running":
+    # Running, and past its start-up: its first epoch is logged.
+    while Manifest.load(jobs_dir).stages.get(teacher, {}).get("state") != "running" or not StageFolders(root, teacher).log.is_file():
         assert time.monotonic() < deadline and submit.poll() is None, "the teacher never started"
         time.sleep(0.2)
 
     cancel = subprocess.run([sys.executable, runner_py, "cancel", str(sweep), "--root", str(root)],
                             capture_output=True, text=True, timeout=120)
     assert cancel.returncode == 0 and "cancelled 1 stage(s)" in cancel.stdout, cancel.stdout + cancel.stderr
-    assert submit.wait(timeout=120) == 1  # the submit ends: its teacher was cancelled, the rest blocked
+    try:  # communicate, not wait: the submit's output is read as it comes, so no full pipe can stall it
+        output, errors = submit.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        submit.kill()
+        output, errors = submit.communicate()
+        raise AssertionError(f"the submit did not end within 120 s of the cancel:\n{output[-3000:]}\n{errors[-3000:]}") from None
+    assert submit.returncode == 1, output + errors  # the submit ends: its teacher was cancelled, the rest blocked
 
     status = subprocess.run([sys.executable, runner_py, "status", str(sweep), "--root", str(root)],
                             capture_output=True, text=True, timeout=120)
@@ -255,7 +263,6 @@ def test_a_stage_whose_job_finished_after_the_pending_check_is_not_submitted_aga
     while the second submit is between its pending check and its scheduler query (preflight runs
     in between). The teacher must not go out a second time; its dependants need not wait on it."""
     from pipeline.pending import stages_to_run
-    from pipeline.store import StageFolders
 
     plan = build_plan(write_sweep(tmp_path / "s.yaml", {"axes.method": ["kd"]}))
     root, teacher = tmp_path / "out", plan.experiments[0].teacher_stage
