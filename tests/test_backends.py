@@ -3,6 +3,7 @@ a killed submit, per-task waits, refusals, ``--wait`` and clear errors when a sc
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -214,8 +215,10 @@ def test_local_cancel_stops_a_running_stage_and_blocks_its_dependants(tmp_path: 
     sweep = write_sweep(tmp_path / "s.yaml", {"axes.method": ["kd"], "defaults.teacher.epochs": 500})
     root = tmp_path / "out"
     runner_py = str(REPO / "runner.py")
+    # Started ignoring SIGINT, as a script's `runner.py submit ... &` is: cancel must still stop it.
     submit = subprocess.Popen([sys.executable, runner_py, "submit", str(sweep), "--root", str(root)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     plan = build_plan(sweep)
     teacher = plan.experiments[0].teacher_stage
     jobs_dir = root / "jobs" / "tiny"

@@ -11,6 +11,8 @@ its DONE appears, and started here only if its holder dies first.
 """
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +72,7 @@ class LocalBackend:
 
     def run(self, plan: Plan, to_run: dict[str, str]) -> list[StageOutcome]:
         """Runs the stages named in ``to_run`` (see ``pipeline.pending``); the others count as skipped."""
+        _let_jobs_hear_cancel()
         manifest = Manifest.load(self.jobs_dir)
         outcomes: dict[str, StageOutcome] = {}
         waiting: list[StageSpec] = []
@@ -185,3 +188,12 @@ class LocalBackend:
         message = last_error_line(error)
         manifest.record(name, state="failed", error=message, stderr=str(job.paths.stderr))
         return StageOutcome(name, "failed", seconds, message)
+
+
+def _let_jobs_hear_cancel() -> None:
+    """Gives SIGINT back its default handler where this process was started ignoring it (a submit
+    sent to the background of a script, ``runner.py submit ... &``). An ignored signal stays ignored
+    across exec, so every job controller started from here would ignore the SIGINT by which
+    ``runner.py cancel`` stops it, and the cancelled stage would train on; a handled one is reset."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
