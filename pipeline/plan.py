@@ -43,6 +43,7 @@ from typing import Any
 
 from pipeline.catalogue import (
     Catalogue,
+    DatasetSpec,
     MethodSpec,
     dataset_fingerprint,
     load_catalogue,
@@ -92,6 +93,7 @@ class _GraphBuilder:
         self.catalogue = catalogue
         self.groups: dict[str, dict[str, StageSpec]] = {group: {} for group in _GROUPS}
         self.fingerprints: dict[str, str] = {}
+        self.dataset_facts: dict[str, DatasetSpec] = {}
         self.cache_asked = False
 
     def stages(self) -> dict[str, StageSpec]:
@@ -195,7 +197,7 @@ class _GraphBuilder:
         augment = bool(training["augment"])
         replayed = {"seed": training["seed"], "batch_size": training["batch_size"], "epochs": training["epochs"]}
         hashed = {"dataset": dict(dataset), "augment": augment, "dtype": cache["dtype"], **(replayed if augment else {})}
-        spec = self.catalogue.dataset(dataset["name"], self.sweep.data_root)
+        spec = self._dataset_facts(dataset["name"])
         rows = (training["epochs"] if augment else 1) * spec.training_split_size(
             float(dataset["val_fraction"]), dataset.get("subset_size"))
         size = rows * spec.num_classes * (2 if cache["dtype"] == "float16" else 4)
@@ -290,6 +292,13 @@ class _GraphBuilder:
             dataset = self.catalogue.datasets[dataset_name]
             self.fingerprints[dataset_name] = dataset_fingerprint(dataset, self.sweep.data_root)
         return self.fingerprints[dataset_name]
+
+    def _dataset_facts(self, dataset_name: str) -> DatasetSpec:
+        """The data set's declaration completed from its folder (``Catalogue.dataset``), read once per
+        plan: an image folder's scan lists every file, and a cached sweep asks once per experiment."""
+        if dataset_name not in self.dataset_facts:
+            self.dataset_facts[dataset_name] = self.catalogue.dataset(dataset_name, self.sweep.data_root)
+        return self.dataset_facts[dataset_name]
 
     def _runtime(self, section: Mapping[str, Any]) -> dict[str, Any]:
         return {"data_root": self.sweep.data_root, **{key: section[key] for key in RUNTIME_KEYS}}

@@ -184,3 +184,22 @@ def test_plan_prints_the_cache_size_and_its_readers(tmp_path) -> None:
     assert result.returncode == 0, result.stderr
     # 2 epochs x 1,294 training digits x 10 classes x 4 bytes
     assert "teacher cache: 0.1 MB in 1 teacher_outputs stage(s), read by 2 student(s)" in result.stdout
+
+
+def test_a_cached_sweep_on_an_image_folder_scans_the_folder_once(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache's size needs the folder's training-image count; listing a large folder per
+    experiment made planning a 40-experiment ImageNet-folder sweep take minutes."""
+    import pipeline.catalogue
+    from tests.test_imagefolder import write_split_folders
+
+    scans = []
+    counting = pipeline.catalogue.folder_facts
+    monkeypatch.setattr(pipeline.catalogue, "folder_facts", lambda *args: scans.append(args) or counting(*args))
+    folder = write_split_folders(tmp_path / "pets", ["cat", "dog", "owl"], per_class=2)
+    plan = build_plan(write_sweep(tmp_path / "pets.yaml", {
+        **CACHED, "data_root": str(folder), "defaults.data": {"val_fraction": 0.0},
+        "axes": {"dataset": ["imagefolder"], "pair": ["resnet8x0.25:resnet8x0.25"], "method": ["kd", "dkd", "dist"],
+                 "seed": [0, 1]},
+    }))
+    assert [spec.settings["bytes"] for spec in plan.stages.values() if spec.kind == "teacher_outputs"] == [2 * 6 * 3 * 4] * 2
+    assert len(scans) == 1
