@@ -216,9 +216,26 @@ def test_local_cancel_stops_a_running_stage_and_blocks_its_dependants(tmp_path: 
     root = tmp_path / "out"
     runner_py = str(REPO / "runner.py")
     # Started ignoring SIGINT, as a script's `runner.py submit ... &` is: cancel must still stop it.
+    # In its own process group, so a failing test can kill the job controllers with it (they hold
+    # its pipes open: killing the submit alone left communicate() waiting for 500 epochs).
     submit = subprocess.Popen([sys.executable, runner_py, "submit", str(sweep), "--root", str(root)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        _cancel_the_running_teacher(submit, sweep, root)
+    finally:
+        _kill_process_group(submit.pid)
+
+
+def _kill_process_group(group: int) -> None:
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except ProcessLookupError:  # everything in it has ended
+        pass
+
+
+def _cancel_the_running_teacher(submit: subprocess.Popen, sweep: Path, root: Path) -> None:
+    runner_py = str(REPO / "runner.py")
     plan = build_plan(sweep)
     teacher = plan.experiments[0].teacher_stage
     jobs_dir = root / "jobs" / "tiny"
@@ -234,7 +251,7 @@ def test_local_cancel_stops_a_running_stage_and_blocks_its_dependants(tmp_path: 
     try:  # communicate, not wait: the submit's output is read as it comes, so no full pipe can stall it
         output, errors = submit.communicate(timeout=120)
     except subprocess.TimeoutExpired:
-        submit.kill()
+        _kill_process_group(submit.pid)
         output, errors = submit.communicate()
         raise AssertionError(f"the submit did not end within 120 s of the cancel:\n{output[-3000:]}\n{errors[-3000:]}") from None
     assert submit.returncode == 1, output + errors  # the submit ends: its teacher was cancelled, the rest blocked
