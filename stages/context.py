@@ -23,6 +23,7 @@ import platform
 import socket
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -169,39 +170,46 @@ def run_stage(spec: StageSpec, root: Path, force: bool = False) -> str:
 
 
 def _run_as_writer(spec: StageSpec, root: Path, force: bool, ranks: Ranks) -> str:
+    """Rank 0: claims the stage, tells the other ranks whether it runs (once, on every path, or they
+    would wait in the broadcast until RANK_TIMEOUT) and builds it under its lease."""
+    with ExitStack() as held:
+        claim: StageRun | str = "failed"
+        try:
+            claim = _claim_stage(spec, root, force, ranks, held)
+        finally:
+            ranks.agree(int(isinstance(claim, StageRun)))
+        if isinstance(claim, str):
+            return claim
+        _run_body(claim)
+    return "done"
+
+
+def _claim_stage(spec: StageSpec, root: Path, force: bool, ranks: Ranks, held: ExitStack) -> StageRun | str:
+    """The stage's run, its lease held until ``held`` closes; or why it does not run here: "skipped"
+    (verified DONE, before or after taking the lease) or "elsewhere" (another live runner holds it)."""
     folders = StageFolders(root, spec.name)
     if not force and folders.is_done():
-        ranks.agree(0)
         return "skipped"
+    upstream = wait_for_upstream(spec, root)
     try:
-        upstream = wait_for_upstream(spec, root)
         lease = StageLease.acquire(folders.logs)
-    except LeaseHeldError as held:
-        ranks.agree(0)
-        print(f"{held}; standing aside", file=sys.stderr)
+    except LeaseHeldError as elsewhere:
+        print(f"{elsewhere}; standing aside", file=sys.stderr)
         return "elsewhere"
-    except BaseException:
-        ranks.agree(0)
-        raise
-    try:
-        if not force and folders.is_done():
-            ranks.agree(0)
-            return "skipped"
-        repaired = None
-        if force:
+    held.callback(lease.release)
+    if not force and folders.is_done():
+        return "skipped"
+    repaired = None
+    if force:
+        folders.discard_outputs()
+    elif folders.done_marker.exists():
+        # Own files damaged: resume from the checkpoint. Built from an older upstream: start afresh.
+        repaired = folders.done_problem()
+        if folders.changed_upstream() is not None:
             folders.discard_outputs()
-        elif folders.done_marker.exists():
-            # Own files damaged: resume from the checkpoint. Built from an older upstream: start afresh.
-            repaired = folders.done_problem()
-            if folders.changed_upstream() is not None:
-                folders.discard_outputs()
-            folders.clear_done()
-        write_json(folders.config, spec.to_dict())
-        ranks.agree(1)
-        _run_body(StageRun(spec, root, folders, upstream, _rank_device(spec, ranks), lease, repaired, ranks))
-    finally:
-        lease.release()
-    return "done"
+        folders.clear_done()
+    write_json(folders.config, spec.to_dict())
+    return StageRun(spec, root, folders, upstream, _rank_device(spec, ranks), lease, repaired, ranks)
 
 
 def _run_beside_writer(spec: StageSpec, root: Path, ranks: Ranks) -> str:
