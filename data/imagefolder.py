@@ -91,9 +91,11 @@ class CropFlipBySize:
     pads: tuple[tuple[int, int], ...] = ((64, 4), (160, 20), (224, 28))
 
     def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
-        width = images.shape[-1]
-        pad = dict(self.pads).get(width, max(1, width // 16))
-        return RandomCropFlip(pad=pad, flip=True)(images, generator)
+        return self.for_width(images.shape[-1])(images, generator)
+
+    def for_width(self, width: int) -> RandomCropFlip:
+        """The pad-crop-flip of images ``width`` pixels wide (the data set's, fixed when it loads)."""
+        return RandomCropFlip(pad=dict(self.pads).get(width, max(1, width // 16)), flip=True)
 
 
 AUGMENT = CropFlipBySize()

@@ -36,7 +36,7 @@ def run(stage: StageRun) -> None:
          "batch_size": params["paraphraser_batch_size"]},
         seed=PARAPHRASER_SEED,
     )
-    data = load_stage_data(spec, stage.upstream)
+    data = load_stage_data(spec, stage.upstream, stage.device)
     teacher = load_classifier(upstream["teacher"].final_weights, device)
     stage.prepare(teacher.model, "teacher")
     tap = params["teacher_tap"]

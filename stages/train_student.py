@@ -70,7 +70,7 @@ def run(stage: StageRun) -> None:
     spec, device, upstream = stage.spec, stage.device, stage.upstream
     training = spec.settings["training"]
     settings = TrainingSettings.from_settings(training, seed=training["seed"])
-    data = load_stage_data(spec, stage.upstream)
+    data = load_stage_data(spec, stage.upstream, stage.device)
     arch = spec.settings["arch"]
 
     torch.manual_seed(settings.seed)

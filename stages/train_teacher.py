@@ -19,7 +19,7 @@ def run(stage: StageRun) -> None:
     spec = stage.spec
     training = spec.settings["training"]
     settings = TrainingSettings.from_settings(training, seed=training["seed"])
-    data = load_stage_data(spec, stage.upstream)
+    data = load_stage_data(spec, stage.upstream, stage.device)
     torch.manual_seed(settings.seed)
     model, imported = new_classifier(spec.settings["arch"], data, training.get("init"))
     model = stage.prepare(model, "teacher")

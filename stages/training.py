@@ -211,6 +211,7 @@ def training_batches(data: Splits, settings: TrainingSettings, epoch: int) -> It
     generator = epoch_generator(settings.seed, epoch)
     order = torch.randperm(len(data.train_labels), generator=generator)
     images = data.epoch_images(order, settings.batch_size, generator if settings.augment else None)
+    order = order.to(data.train_labels.device)  # once per epoch: labels and indices are picked where they live
     for start, batch in zip(range(0, len(order), settings.batch_size), images):
         index = order[start : start + settings.batch_size]
         yield data.normalise(batch), data.train_labels[index], index
@@ -227,9 +228,10 @@ def predict(
     was_training = model.training
     model.eval()
     with switches.autocast(device):
-        outputs = [model(switches.inputs(normalise(images.to(device)), device)).float().cpu() for images in batches]
+        outputs = [model(switches.inputs(normalise(images.to(device)), device)).float() for images in batches]
     model.train(was_training)
-    return torch.cat(outputs) if outputs else torch.empty(0)
+    # One copy to the host at the end: a copy per batch would make the host wait on each batch in turn.
+    return torch.cat(outputs).cpu() if outputs else torch.empty(0)
 
 
 def evaluation_batch_size(training_batch_size: int, device: torch.device) -> int:
@@ -285,7 +287,8 @@ class EpochLoop:
         if ranks.world > 1:
             sync_batchnorm(self.modules, self.device)
         optimizer = build_optimizer(parameter_groups(self.modules, self.lr_scales), self.settings)
-        log = dict(self.record, epochs=[], best_epoch=None, status="running", resumed_after_epochs=[])
+        log = dict(self.record, epochs=[], best_epoch=None, status="running", resumed_after_epochs=[],
+                   data_device=str(self.data.train_labels.device))
         best_val = -1.0
         start_epoch = 0
         if self.folders.checkpoint.is_file():

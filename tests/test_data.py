@@ -7,6 +7,7 @@ protocol-2 pickles (every string a BINSTRING, read back as bytes; numpy arrays r
 from __future__ import annotations
 
 import ast
+import dataclasses
 import codecs
 import hashlib
 import io
@@ -632,3 +633,45 @@ def test_training_batches_are_the_normalised_images_of_their_indices() -> None:
         assert torch.equal(images, data.normalise(data.train_images[indices]))
     epoch = torch.cat([images for images, _, _ in batches])
     assert abs(epoch.mean().item()) < 1e-4 and abs(epoch.std(correction=0).item() - 1) < 1e-4
+
+
+def test_an_epochs_augmentation_is_drawn_up_front_as_batch_by_batch_drawing_draws_it() -> None:
+    """A resident data set draws the epoch's crops and flips before its first batch; the images must
+    be the ones augmenting each batch in turn from the same generator gives (the numbers pinned
+    before that change), or resumed and cached runs would see other images than their originals."""
+    images = _distinct_images(70, (3, 32, 32))
+    augment = RandomCropFlip(pad=4, flip=True)
+    generator = torch.Generator().manual_seed(7)
+    batch_by_batch = [augment(images[start : start + 32], generator) for start in (0, 32, 64)]
+    splits = load_dataset("digits", None, 0.0, 0)
+    splits = dataclasses.replace(splits, train_images=images, train_labels=torch.zeros(70, dtype=torch.int64), augment=augment)
+    up_front = list(splits.epoch_images(torch.arange(70), 32, torch.Generator().manual_seed(7)))
+    assert [len(batch) for batch in up_front] == [32, 32, 6]
+    assert all(torch.equal(first, second) for first, second in zip(batch_by_batch, up_front))
+    # what batch-by-batch augmentation gave before the draws were split from the pixel work
+    assert hashlib.sha256(torch.cat(up_front).numpy().tobytes()).hexdigest()[:16] == "68f8c5c2fef538c0"
+    draws = augment.draw_epoch([32, 32, 6], torch.Generator().manual_seed(7))
+    assert draws.shape == (70, 3) and set(draws[:, 2].tolist()) == {0, 1} and 0 <= draws[:, :2].min() <= draws[:, :2].max() <= 8
+
+
+def test_image_folders_get_the_padding_of_their_width() -> None:
+    assert imagefolder.AUGMENT.for_width(64) == RandomCropFlip(pad=4, flip=True)
+    assert imagefolder.AUGMENT.for_width(160) == RandomCropFlip(pad=20, flip=True)
+    assert imagefolder.AUGMENT.for_width(96) == RandomCropFlip(pad=6, flip=True)
+    assert RandomCropFlip(pad=1, flip=False).for_width(8) == RandomCropFlip(pad=1, flip=False)
+
+
+def test_a_data_set_is_resident_on_a_gpu_only_where_it_fits(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """On a GPU the images move there when they take at most a quarter of its free memory; else
+    they stay on the host with a note. On a CPU nothing moves."""
+    from stages import loading
+
+    data = load_dataset("digits", None, 0.1, 0)
+    assert loading.resident_data(data, torch.device("cpu")) is data
+    moved_to = []
+    monkeypatch.setattr(type(data), "resident_on", lambda self, device: moved_to.append(device) or self)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (4 * data.image_bytes, 8 * data.image_bytes))
+    assert loading.resident_data(data, torch.device("cuda", 1)) is data and moved_to == [torch.device("cuda", 1)]
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (4 * data.image_bytes - 4, 8 * data.image_bytes))
+    assert loading.resident_data(data, torch.device("cuda", 0)) is data and len(moved_to) == 1
+    assert "stay in host memory" in capsys.readouterr().err
