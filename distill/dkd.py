@@ -34,6 +34,7 @@ METHOD = {
     "name": "dkd",
     "summary": "decoupled KD: alpha x target-class KL + beta x non-target-class KL, warmed up (Zhao et al. 2022)",
     "uses_teacher": True,
+    "per_sample_loss": True,
     "teacher_logits_only": True,
     "params": {
         "temperature": {"default": 4.0, "min": 0.01, "help": "softmax temperature T (> 0) of both KL terms"},

@@ -28,6 +28,7 @@ METHOD = {
     "name": "kd",
     "summary": "KL between temperature-softened teacher and student logits (Hinton et al. 2015)",
     "uses_teacher": True,
+    "per_sample_loss": True,
     "teacher_logits_only": True,
     "params": {
         "temperature": {"default": 4.0, "min": 0.01, "help": "softmax temperature T (> 0)"},

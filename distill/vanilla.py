@@ -14,6 +14,7 @@ METHOD = {
     "name": "vanilla",
     "summary": "cross-entropy with label smoothing, no teacher (the control)",
     "uses_teacher": False,
+    "per_sample_loss": True,
     "params": {
         "label_smoothing": {
             "default": 0.1,

@@ -29,7 +29,7 @@ LAYER_INDEX_PATH = Path("models", "layer_index.json")
 _NAME = re.compile(r"[A-Za-z0-9_.]+")
 """Names become parts of stage folder names, where '-' separates the parts and ':' splits a pair."""
 _PARAM_KEYS = ("default", "min", "max", "choices", "tap", "length", "type", "required", "help")
-_METHOD_KEYS = ("name", "summary", "uses_teacher", "params", "pre_stage", "teacher_logits_only")
+_METHOD_KEYS = ("name", "summary", "uses_teacher", "params", "pre_stage", "teacher_logits_only", "per_sample_loss")
 _TAP_OWNERS = ("teacher", "student")
 
 
@@ -54,7 +54,14 @@ class PreStage:
 @dataclass(frozen=True)
 class MethodSpec:
     """``teacher_logits_only``: the loss reads nothing of the teacher but its logits of the loader's
-    own batch (no taps, no re-mixed images), so a ``teacher_outputs`` stage can stand in for it."""
+    own batch (no taps, no re-mixed images), so a ``teacher_outputs`` stage can stand in for it.
+
+    ``per_sample_loss``: every loss term is a mean over the batch's samples of values each computed
+    from one sample alone (its connectors' BatchNorm aside, which ranks synchronise), with no state
+    kept across steps; so ranks that each take a share of the batch, weighting their terms by the
+    share, add up to one process's loss, and a student of the method may train on several ranks.
+    Batch-relational terms (RKD's distances, SP's and CC's similarity matrices, DIST's per-class
+    correlations, CKD's groups), CRD's memory banks and mixup's in-batch pairs are not."""
 
     name: str
     summary: str
@@ -62,6 +69,7 @@ class MethodSpec:
     params: Mapping[str, Field]
     pre_stage: PreStage | None
     teacher_logits_only: bool = False
+    per_sample_loss: bool = False
 
 
 COMPOSITION_SEPARATOR = "+"
@@ -198,8 +206,10 @@ def _method(path: Path, literal: Any) -> MethodSpec:
     taps = [key for key, field in params.items() if field.tap == "teacher"]
     _expect(not logits_only or not taps, path, "METHOD.teacher_logits_only",
             f"a method with teacher taps ({', '.join(taps)}) reads more than the teacher's logits")
+    per_sample = literal.get("per_sample_loss", False)
+    _expect(isinstance(per_sample, bool), path, "METHOD.per_sample_loss", "must be true or false")
     return MethodSpec(name, summary, literal["uses_teacher"], MappingProxyType(params), _pre_stage(path, literal, params),
-                      logits_only)
+                      logits_only, per_sample)
 
 
 def _param(path: Path, where: str, spec: Any) -> Field:

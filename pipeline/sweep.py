@@ -148,6 +148,7 @@ class _SweepChecker:
         self._check_image_sizes(axes)
         self._check_zero_epochs(axes, defaults)
         resources = self._resources(top.get("resources"))
+        self._check_student_ranks(axes, resources)
         return Sweep(name, self.file, data_root, axes, defaults, resources)
 
     def _error(self, key: str, problem: str, allowed: Iterable[Any] = ()) -> SweepError:
@@ -425,6 +426,20 @@ class _SweepChecker:
             check_tap(field, value, architecture.taps, architecture.layers, arch)
         except FieldError as error:
             raise self._error(where, error.problem, error.allowed) from None
+
+    def _check_student_ranks(self, axes: Mapping[str, tuple], resources: Mapping[str, Mapping[str, Any]]) -> None:
+        """Students on several ranks only for methods whose every part has a per-sample loss
+        (METHOD ``per_sample_loss``): a batch-relational loss on a rank's share is not the batch's."""
+        ranks = rank_count(resources["train_student"])
+        if ranks == 1:
+            return
+        able = sorted(name for name, method in self.catalogue.methods.items() if method.per_sample_loss)
+        for method in axes["method"]:
+            unable = [name for name in method_names(method) if not self.catalogue.methods[name].per_sample_loss]
+            if unable:
+                raise self._error("resources.train_student", f"asks for {ranks} ranks, but method {method!r} computes its "
+                                  f"loss across the batch ({', '.join(unable)}), which a rank's share does not give; "
+                                  "train its students on one rank (tasks: 1, gpus: 1) or drop it", able)
 
     def _resources(self, value: Any) -> dict[str, dict[str, Any]]:
         raw = self._mapping("resources", value)

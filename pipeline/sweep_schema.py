@@ -132,7 +132,7 @@ RESOURCE_FIELDS: Mapping[str, Field] = MappingProxyType({
 })
 """Scheduler requests. Keys without a default are optional; null removes one set under ``default``."""
 
-MULTI_RANK_KINDS = ("train_teacher",)
+MULTI_RANK_KINDS = ("train_teacher", "train_student")
 """Stage kinds that may run as several ranks (stages/distributed.py). A student's method may keep
 per-sample state (CRD's memory banks) that ranks would each update with only their own samples."""
 
