@@ -196,11 +196,19 @@ class _GraphBuilder:
         """The stage that runs ``teacher`` once over the batches a student with ``training`` sees."""
         augment = bool(training["augment"])
         replayed = {"seed": training["seed"], "batch_size": training["batch_size"], "epochs": training["epochs"]}
-        hashed = {"dataset": dict(dataset), "augment": augment, "dtype": cache["dtype"], **(replayed if augment else {})}
+        top_k = cache["top_k"]
+        hashed = {"dataset": dict(dataset), "augment": augment, "dtype": cache["dtype"], **(replayed if augment else {}),
+                  **({"top_k": top_k} if top_k is not None else {})}  # left out when null: older caches keep their hashes
         spec = self._dataset_facts(dataset["name"])
+        if top_k is not None and top_k >= spec.num_classes:
+            raise SweepError(self.sweep.path, "defaults.teacher_cache.top_k",
+                             f"{top_k} keeps every one of {dataset['name']}'s {spec.num_classes} classes; "
+                             "set null to cache all logits", [f"1..{spec.num_classes - 1}", "null"])
         rows = (training["epochs"] if augment else 1) * spec.training_split_size(
             float(dataset["val_fraction"]), dataset.get("subset_size"))
-        size = rows * spec.num_classes * (2 if cache["dtype"] == "float16" else 4)
+        value_bytes = 2 if cache["dtype"] == "float16" else 4
+        # top-k: k values, k int16 classes and a float32 stand-in logit per sample
+        size = rows * (spec.num_classes * value_bytes if top_k is None else top_k * (value_bytes + 2) + 4)
         settings = {**hashed, "teacher_arch": teacher_arch, "training": dict(training), "bytes": size}
         readable = [dataset["name"], teacher_arch, *([f"s{training['seed']}"] if augment else ["once"])]
         return self._stage(
@@ -221,7 +229,7 @@ class _GraphBuilder:
         if total > limit * 1e9:
             raise SweepError(self.sweep.path, "defaults.teacher_cache.limit_gb",
                              f"the teacher cache would hold {total / 1e9:.2f} GB in {len(stages)} stage(s), above "
-                             f"the limit of {limit:g} GB; raise the limit, use dtype float16 or fewer epochs")
+                             f"the limit of {limit:g} GB; raise the limit, use dtype float16, top_k or fewer epochs")
 
     def _pre_staged_part(
         self, values: Mapping[str, Any], parts: list[MethodSpec], params: Mapping[str, Mapping[str, Any]]

@@ -146,6 +146,13 @@ class StageFolders:
         """A ``teacher_outputs`` stage's output: the teacher's logits of every batch its students see."""
         return self.weights / "teacher_logits.npy"
 
+    @property
+    def teacher_top_k(self) -> tuple[Path, Path, Path]:
+        """A ``teacher_outputs`` stage's output with ``top_k``: per sample the k largest logits, their
+        classes, and the one logit every other class stands in with (stages/teacher_outputs.py)."""
+        return (self.weights / "teacher_top_k_logits.npy", self.weights / "teacher_top_k_classes.npy",
+                self.weights / "teacher_top_k_fill.npy")
+
     def is_done(self) -> bool:
         """DONE is there and its files (sizes, and sha256 where the mtime moved) and upstreams match."""
         return self.done_problem() is None and self.done_marker.is_file()
@@ -212,7 +219,7 @@ class StageFolders:
         """What ``--force`` and ``invalidate`` remove: DONE first, then all a rebuild from scratch rewrites."""
         self.clear_done()
         for path in (self.checkpoint, self.final_weights, self.best_weights, self.prepared_images, self.teacher_logits,
-                     self.log, self.result):
+                     *self.teacher_top_k, self.log, self.result):
             path.unlink(missing_ok=True)
 
 

@@ -79,7 +79,7 @@ def run(stage: StageRun) -> None:
     cached = None
     if "teacher_outputs" in upstream:  # the teacher's logits are on file: its network is not needed
         outputs = upstream["teacher_outputs"]
-        cached, teacher, teacher_arch = TeacherLogits(outputs.teacher_logits), None, cached_teacher_arch(outputs.config)
+        cached, teacher, teacher_arch = TeacherLogits(outputs, data.num_classes), None, cached_teacher_arch(outputs.config)
     elif "teacher" in upstream:
         trained_teacher = load_classifier(upstream["teacher"].final_weights, device)
         teacher, teacher_arch = stage.prepare(trained_teacher.model, "teacher"), trained_teacher.arch

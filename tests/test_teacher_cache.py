@@ -99,11 +99,18 @@ def test_without_augmentation_one_row_serves_every_seed(tiny_in_process: SweepRu
         assert StageFolders(root, student.name).is_done()
 
 
+def _cache_files(folders: StageFolders) -> list:
+    return [path for path in (folders.teacher_logits, *folders.teacher_top_k) if path.is_file()]
+
+
+@pytest.mark.parametrize("top_k", [None, 9])
 def test_an_interrupted_cache_goes_on_from_its_first_unfinished_row(
-    tiny_in_process: SweepRun, tmp_path, restore_torch_threads, monkeypatch: pytest.MonkeyPatch
+    tiny_in_process: SweepRun, tmp_path, restore_torch_threads, monkeypatch: pytest.MonkeyPatch, top_k
 ) -> None:
-    plan, root = _run_cached(tiny_in_process, tmp_path / "whole")
-    whole = StageFolders(root, _outputs_stage(plan).name).teacher_logits.read_bytes()
+    cache = {"defaults.teacher_cache": {"enabled": True, "dtype": "float32", "top_k": top_k}}
+    plan, root = _run_cached(tiny_in_process, tmp_path / "whole", cache)
+    whole = [path.read_bytes() for path in _cache_files(StageFolders(root, _outputs_stage(plan).name))]
+    assert len(whole) == (1 if top_k is None else 3)
 
     spec, other = _outputs_stage(plan), tmp_path / "interrupted"
     copy_stage(root, other, spec.upstream["teacher"])
@@ -118,11 +125,11 @@ def test_an_interrupted_cache_goes_on_from_its_first_unfinished_row(
     with pytest.raises(KeyboardInterrupt):
         run_stage(spec, other)
     folders = StageFolders(other, spec.name)
-    assert not folders.is_done() and not folders.teacher_logits.exists()
+    assert not folders.is_done() and not _cache_files(folders)
     monkeypatch.undo()
     run_stage(spec, other)
     assert read_log(folders.logs)["resumed_at_row"] == 1
-    assert folders.is_done() and folders.teacher_logits.read_bytes() == whole
+    assert folders.is_done() and [path.read_bytes() for path in _cache_files(folders)] == whole
 
 
 def test_only_students_of_logit_methods_read_the_cache(tmp_path) -> None:
@@ -203,3 +210,46 @@ def test_a_cached_sweep_on_an_image_folder_scans_the_folder_once(tmp_path, monke
     }))
     assert [spec.settings["bytes"] for spec in plan.stages.values() if spec.kind == "teacher_outputs"] == [2 * 6 * 3 * 4] * 2
     assert len(scans) == 1
+
+
+def test_top_k_keeps_the_k_largest_logits_and_the_normaliser() -> None:
+    """Hand-checked: logits (3, 1, 0, -1, 2) with k 2 keep 3 and 2; the other three classes each get
+    log(mean(e^1, e^0, e^-1)) = log((e + 1 + 1/e) / 3), so the softmax at T 1 keeps p of the kept
+    classes and the others' total mass."""
+    from stages.teacher_outputs import top_k_with_fill
+
+    logits = torch.tensor([[3.0, 1.0, 0.0, -1.0, 2.0]])
+    values, classes, fill = top_k_with_fill(logits, 2)
+    assert values.tolist() == [[3.0, 2.0]] and classes.tolist() == [[0, 4]]
+    assert fill.item() == pytest.approx(np.log((np.e + 1 + 1 / np.e) / 3), rel=1e-6)
+    rebuilt = torch.full((1, 5), fill.item()).scatter(1, classes, values)
+    true, kept = logits.softmax(1), rebuilt.softmax(1)
+    assert kept[0, [0, 4]].tolist() == pytest.approx(true[0, [0, 4]].tolist(), rel=1e-6)
+    assert kept[0, [1, 2, 3]].sum().item() == pytest.approx(true[0, [1, 2, 3]].sum().item(), rel=1e-6)
+    values, classes, fill = top_k_with_fill(logits, 4)  # one other class: its own logit
+    assert fill.item() == pytest.approx(-1.0, abs=1e-6)
+
+
+def test_a_top_k_cache_of_all_classes_but_one_trains_the_uncached_student(
+    tiny_in_process: SweepRun, tmp_path, restore_torch_threads
+) -> None:
+    """With k = C - 1 the stand-in is the last class's own logit, so in float32 nothing is lost: the
+    kd student's loss terms are the uncached run's bit for bit, and the files are the planned size
+    (past their 128-byte .npy headers): 2 epochs x 1,294 digits x (9 x (4 + 2) + 4) bytes."""
+    cache = {"defaults.teacher_cache": {"enabled": True, "dtype": "float32", "top_k": 9}}
+    plan, root = _run_cached(tiny_in_process, tmp_path, cache)
+    outputs = StageFolders(root, _outputs_stage(plan).name)
+    assert not outputs.teacher_logits.exists() and all(path.is_file() for path in outputs.teacher_top_k)
+    assert sum(path.stat().st_size - 128 for path in outputs.teacher_top_k) == _outputs_stage(plan).settings["bytes"] == 2 * 1294 * 58
+    assert read_log(outputs.logs)["top_k"] == 9
+    cached = read_log(StageFolders(root, stage_name(plan, "student_stage")).logs)
+    uncached = read_log(StageFolders(tiny_in_process.root, stage_name(tiny_in_process.plan, "student_stage")).logs)
+    for ours, theirs in zip(cached["epochs"], uncached["epochs"]):
+        assert ours["terms"] == theirs["terms"]
+    assert _outputs_stage(plan).name != _outputs_stage(build_plan(write_sweep(tmp_path / "all.yaml", CACHED))).name
+
+
+def test_top_k_of_every_class_is_refused(tmp_path) -> None:
+    with pytest.raises(SweepError, match=r"defaults.teacher_cache.top_k: 10 keeps every one of digits's 10 classes; "
+                                         r"set null to cache all logits; allowed: 1..9, null"):
+        build_plan(write_sweep(tmp_path / "all.yaml", {"defaults.teacher_cache": {"enabled": True, "top_k": 10}}))
