@@ -181,10 +181,9 @@ class CRD(TapPairMethod):
             temperature = self.params["nce_t"]
             student_scores = contrast_scores(student_embedding, self.teacher_bank, rows, temperature)
             teacher_scores = contrast_scores(teacher_embedding, self.student_bank, rows, temperature)
-            if self.normalizers[0].item() < 0:
-                with torch.no_grad():
-                    self.normalizers[0] = student_scores.mean() * self.context.train_size
-                    self.normalizers[1] = teacher_scores.mean() * self.context.train_size
+            with torch.no_grad():  # set once, at the first step; a where, not an .item() test: no host sync per step
+                first = torch.stack([student_scores.mean(), teacher_scores.mean()]) * self.context.train_size
+                self.normalizers.copy_(torch.where(self.normalizers < 0, first, self.normalizers))
             crd = (contrast_loss(student_scores / self.normalizers[0], self.context.train_size)
                    + contrast_loss(teacher_scores / self.normalizers[1], self.context.train_size))
             momentum_update(self.student_bank, batch.indices, student_embedding.detach(), self.params["nce_m"])
