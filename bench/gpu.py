@@ -25,6 +25,9 @@ on a CPU all rows run float32, as the stages do there. Rows (``--rows``):
 * cache: a sweep of five logit methods (kd, dkd, dist, ckd, kd+dist), batch 64, ``--epochs`` per
   student; the students' total wall clock each running its teacher, against ``teacher_cache`` (one
   ``teacher_outputs`` stage, counted in, plus the five students reading its file). Goal: >= 1.8x.
+* same-images: on CUDA, whether a resident data set's first epoch of training batches (the
+  benchmark's CIFAR-100, picked, cropped, flipped and normalised on the GPU) equals the CPU's, batch
+  for batch (a check, not a speed: resume and the teacher cache rest on it).
 * ddp: the stage row's student (``resources.train_student.gpus``: kd's loss is a mean of per-sample
   terms, so it may take several ranks) through the local backend, as ``runner.py submit`` runs it,
   on 1 GPU and on all of them; images/s of epoch 2 from its ``epoch_time_s`` (training and rank 0's
@@ -75,7 +78,7 @@ from tests.test_data import write_cifar100  # noqa: E402
 
 TEACHER, STUDENT, NUM_CLASSES, IMAGE_SHAPE = "resnet32x4", "resnet8x4", 100, (3, 32, 32)
 KD = {name: spec["default"] for name, spec in KD_METHOD["params"].items()}  # RepDistiller's -r 0.1 -a 0.9 --kd_T 4
-ROWS = ("ceiling", "stage", "repdistiller", "cache", "ddp")
+ROWS = ("ceiling", "stage", "repdistiller", "cache", "same-images", "ddp")
 SWITCHES = {"amp": True, "channels_last": True, "cudnn_benchmark": True}  # the stages keep them off on a CPU
 CACHE_METHODS = ["kd", "dkd", "dist", "ckd", "kd+dist"]
 STAGE_GOAL, REPDISTILLER_GOAL, CACHE_GOAL = 0.90, 3.0, 1.8
@@ -282,6 +285,23 @@ def ddp_rate(work: Path, images: int, batch_size: int, gpus: int) -> float:
     return images / read_log(StageFolders(root, student.name).logs)["epochs"][1]["epoch_time_s"]
 
 
+def same_images_on_gpu(data_root: Path, batch_size: int, device: torch.device) -> bool:
+    """Whether epoch 0's training batches of the data resident on ``device`` equal the CPU's exactly."""
+    from data.registry import load_dataset
+    from pipeline.sweep_schema import SECTIONS
+    from stages.loading import resident_data
+    from stages.training import TrainingSettings, training_batches
+
+    on_cpu = load_dataset("cifar100", str(data_root), 0.0, 0)
+    on_gpu = resident_data(on_cpu, device)
+    defaults = {key: field.default for key, field in SECTIONS["student"].items()}
+    settings = TrainingSettings.from_settings({**defaults, "batch_size": batch_size, "augment": True}, seed=0)
+    pairs = zip(training_batches(on_cpu, settings, 0), training_batches(on_gpu, settings, 0))
+    return on_gpu.device.type == "cuda" and all(
+        torch.equal(cpu_images, gpu_images.cpu()) and torch.equal(cpu_labels, gpu_labels.cpu())
+        for (cpu_images, cpu_labels, _), (gpu_images, gpu_labels, _) in pairs)
+
+
 def _driver() -> str:
     if shutil.which("nvidia-smi") is None:
         return "unknown (no nvidia-smi)"
@@ -349,6 +369,14 @@ def main() -> None:
                       f"{args.epochs} epoch(s): students {without:.1f} s without, {with_cache:.1f} s with (the "
                       f"teacher_outputs stage {outputs:.1f} s of it): {without / with_cache:.2f}x "
                       f"({_verdict(without / with_cache, CACHE_GOAL)})")
+                continue
+            if row == "same-images":
+                if cuda:
+                    same = same_images_on_gpu(work / "data", args.batch_sizes[0], device)
+                    print(f"same-images   batch {args.batch_sizes[0]:3d}: the resident data's epoch on the GPU is the "
+                          f"CPU's batch for batch: {'yes' if same else 'NO'}")
+                else:
+                    print("same-images: not checked: needs a GPU (this run is on the CPU)")
                 continue
             if row == "ddp" and (not cuda or torch.cuda.device_count() < 2):
                 print("ddp: not measured: needs several GPUs ("
