@@ -135,13 +135,20 @@ class TrainedModel:
 
 def load_classifier(weights_file: Path, device: torch.device) -> TrainedModel:
     """A trained model from a final.pt / best.pt, in eval mode with gradients off: the network as it
-    predicts, with its method's modules on top where the method deploys them (simkd)."""
+    predicts, with its method's modules on top where the method deploys them (simkd).
+
+    Building the network draws its throw-away initial weights from a forked generator, so loading
+    takes no draws from the caller's: a student's own modules (a method's regressors) start the
+    same whether its stage loads the teacher or reads the teacher's cached outputs instead."""
     saved: Mapping[str, Any] = load_torch(weights_file)
-    model = build_model(saved["arch"], num_classes=saved["num_classes"], image_shape=_image_shape(saved))
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(saved["arch"], num_classes=saved["num_classes"], image_shape=_image_shape(saved))
+        record = saved.get("method_record")
+        method = None
+        if record is not None and changes_deployment(record["settings"]):
+            method = build_method(record["settings"], MethodContext(**record["context"]))
     model.load_state_dict(saved["model"])
-    record = saved.get("method_record")
-    if record is not None and changes_deployment(record["settings"]):
-        method = build_method(record["settings"], MethodContext(**record["context"]))
+    if method is not None:
         method.load_state_dict(saved["method"])
         model = method.deployed(model)
     model.requires_grad_(False)
