@@ -26,6 +26,7 @@ METHOD = {
     "name": "at",
     "summary": "squared difference of L2-normalised channel-mean |F|^p attention maps, summed over tap pairs (Zagoruyko & Komodakis 2017)",
     "uses_teacher": True,
+    "teacher_outputs_only": True,
     "per_sample_loss": True,
     "params": {
         "teacher_taps": {"default": ["layer1", "layer2", "layer3"], "tap": "teacher", "help": "teacher feature maps, paired in order with student_taps"},

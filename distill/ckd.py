@@ -46,7 +46,7 @@ METHOD = {
     "name": "ckd",
     "summary": "student matches the teacher's logit differences between groups of samples in the batch, T^2 KL (Wilf et al. 2023)",
     "uses_teacher": True,
-    "teacher_logits_only": True,
+    "teacher_outputs_only": True,
     "params": {
         "group_size": {"default": 3, "min": 2, "help": "samples per comparison, k: mean logits of k - k//2 positives minus those of k//2 negatives (2 = pairs; the code's --pos_and_neg)"},
         "temperature": {"default": 4.0, "min": 0.01, "help": "softmax temperature T (> 0) of both KL terms (the code's kd_T)"},

@@ -30,7 +30,7 @@ METHOD = {
     "name": "dist",
     "summary": "Pearson correlation of softened teacher and student probabilities, per sample and per class (Huang et al. 2022)",
     "uses_teacher": True,
-    "teacher_logits_only": True,
+    "teacher_outputs_only": True,
     "params": {
         "temperature": {"default": 4.0, "min": 0.01, "help": "softmax temperature tau (> 0); both relations are scaled by tau^2"},
         "beta": {"default": 1.0, "min": 0.0, "help": "weight of the inter-class relation, 1 - Pearson over each sample's classes"},

@@ -35,7 +35,7 @@ METHOD = {
     "summary": "decoupled KD: alpha x target-class KL + beta x non-target-class KL, warmed up (Zhao et al. 2022)",
     "uses_teacher": True,
     "per_sample_loss": True,
-    "teacher_logits_only": True,
+    "teacher_outputs_only": True,
     "params": {
         "temperature": {"default": 4.0, "min": 0.01, "help": "softmax temperature T (> 0) of both KL terms"},
         "alpha": {"default": 1.0, "min": 0.0, "help": "weight of TCKD, the KL of the binary split true class / others"},

@@ -55,6 +55,7 @@ METHOD = {
     "name": "feature_only",
     "summary": "feature losses alone train the student's backbone; its last distilled layer is detached below the classifier (Cooper et al., NeurReps 2025)",
     "uses_teacher": True,
+    "teacher_outputs_only": True,
     "params": {
         "teacher_taps": {"default": ["layer1", "layer2", "layer3"], "tap": "teacher", "help": "teacher feature maps, paired in order with student_taps"},
         "student_taps": {"default": ["layer1", "layer2", "layer3"], "tap": "student", "help": "student feature maps in the order the student runs them; the last one's output is detached when detach_head is true"},

@@ -33,6 +33,7 @@ METHOD = {
     "name": "fitnet",
     "summary": "MSE between a learned regression (conv + BN + ReLU) of a student layer and a teacher hint layer (Romero et al. 2015)",
     "uses_teacher": True,
+    "teacher_outputs_only": True,
     "per_sample_loss": True,
     "params": {
         "teacher_tap": {"default": "layer2", "tap": "teacher", "help": "teacher hint layer (a (C, H, W) feature map)"},

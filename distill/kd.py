@@ -29,7 +29,7 @@ METHOD = {
     "summary": "KL between temperature-softened teacher and student logits (Hinton et al. 2015)",
     "uses_teacher": True,
     "per_sample_loss": True,
-    "teacher_logits_only": True,
+    "teacher_outputs_only": True,
     "params": {
         "temperature": {"default": 4.0, "min": 0.01, "help": "softmax temperature T (> 0)"},
         "ce_weight": {"default": 0.1, "min": 0.0, "help": "weight of the cross-entropy on labels"},

@@ -33,6 +33,7 @@ METHOD = {
     "name": "vid",
     "summary": "Gaussian likelihood of teacher maps under a learned regression of student maps (Ahn et al. 2019)",
     "uses_teacher": True,
+    "teacher_outputs_only": True,
     "params": {
         "teacher_taps": {"default": ["layer1", "layer2", "layer3"], "tap": "teacher", "help": "teacher feature maps, paired in order with student_taps"},
         "student_taps": {"default": ["layer1", "layer2", "layer3"], "tap": "student", "help": "student feature maps, as many as teacher_taps"},

@@ -29,7 +29,7 @@ LAYER_INDEX_PATH = Path("models", "layer_index.json")
 _NAME = re.compile(r"[A-Za-z0-9_.]+")
 """Names become parts of stage folder names, where '-' separates the parts and ':' splits a pair."""
 _PARAM_KEYS = ("default", "min", "max", "choices", "tap", "length", "type", "required", "help")
-_METHOD_KEYS = ("name", "summary", "uses_teacher", "params", "pre_stage", "teacher_logits_only", "per_sample_loss")
+_METHOD_KEYS = ("name", "summary", "uses_teacher", "params", "pre_stage", "teacher_outputs_only", "per_sample_loss")
 _TAP_OWNERS = ("teacher", "student")
 
 
@@ -53,8 +53,10 @@ class PreStage:
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """``teacher_logits_only``: the loss reads nothing of the teacher but its logits of the loader's
-    own batch (no taps, no re-mixed images), so a ``teacher_outputs`` stage can stand in for it.
+    """``teacher_outputs_only``: the loss reads nothing of the teacher but its logits and the
+    features at its teacher-tap params (``teacher_taps``), of the loader's own batch (no re-mixed
+    images, no teacher module), so a ``teacher_outputs`` stage can stand in for the teacher: with
+    no taps always (``logits_only``), with taps when the sweep caches features too.
 
     ``per_sample_loss``: every loss term is a mean over the batch's samples of values each computed
     from one sample alone (its connectors' BatchNorm aside, which ranks synchronise), with no state
@@ -68,8 +70,18 @@ class MethodSpec:
     uses_teacher: bool
     params: Mapping[str, Field]
     pre_stage: PreStage | None
-    teacher_logits_only: bool = False
+    teacher_outputs_only: bool = False
     per_sample_loss: bool = False
+
+    @property
+    def teacher_tap_params(self) -> tuple[str, ...]:
+        """The params that name teacher taps (a tap, or a list of them)."""
+        return tuple(key for key, field in self.params.items() if field.tap == "teacher")
+
+    @property
+    def logits_only(self) -> bool:
+        """Reads the teacher's logits of the loader's batch and nothing else of it."""
+        return self.teacher_outputs_only and not self.teacher_tap_params
 
 
 COMPOSITION_SEPARATOR = "+"
@@ -199,17 +211,14 @@ def _method(path: Path, literal: Any) -> MethodSpec:
     for key in raw_params:
         _expect(isinstance(key, str) and key.isidentifier(), path, f"METHOD.params.{key}", "must be a Python identifier")
     params = {key: _param(path, f"METHOD.params.{key}", spec) for key, spec in raw_params.items()}
-    logits_only = literal.get("teacher_logits_only", False)
-    _expect(isinstance(logits_only, bool), path, "METHOD.teacher_logits_only", "must be true or false")
-    _expect(not logits_only or literal["uses_teacher"], path, "METHOD.teacher_logits_only",
-            "only a method that uses the teacher reads its logits")
-    taps = [key for key, field in params.items() if field.tap == "teacher"]
-    _expect(not logits_only or not taps, path, "METHOD.teacher_logits_only",
-            f"a method with teacher taps ({', '.join(taps)}) reads more than the teacher's logits")
+    outputs_only = literal.get("teacher_outputs_only", False)
+    _expect(isinstance(outputs_only, bool), path, "METHOD.teacher_outputs_only", "must be true or false")
+    _expect(not outputs_only or literal["uses_teacher"], path, "METHOD.teacher_outputs_only",
+            "only a method that uses the teacher reads its outputs")
     per_sample = literal.get("per_sample_loss", False)
     _expect(isinstance(per_sample, bool), path, "METHOD.per_sample_loss", "must be true or false")
     return MethodSpec(name, summary, literal["uses_teacher"], MappingProxyType(params), _pre_stage(path, literal, params),
-                      logits_only, per_sample)
+                      outputs_only, per_sample)
 
 
 def _param(path: Path, where: str, spec: Any) -> Field:

@@ -12,9 +12,10 @@ A stage's hash covers exactly what its output depends on, plus its upstream stag
   and only when set, so sweeps without it keep their hashes;
 * pretrain_paraphraser: teacher hash, method name and the params its pre-stage declares;
 * teacher_outputs (``teacher_cache.enabled``, for a student whose every teacher-reading part is
-  ``teacher_logits_only``): teacher hash, the student's data set (subset included), augmentation,
-  cache dtype and, with augmentation on, the student's seed, batch size and epochs (they fix the
-  batches it replays); without augmentation a teacher's logits of an image are one row, shared by
+  ``teacher_outputs_only``, without teacher taps unless ``teacher_cache.features``): teacher hash,
+  the student's data set (subset included), augmentation, cache dtype, ``top_k`` and the teacher
+  taps when set, and, with augmentation on, the student's seed, batch size and epochs (they fix the
+  batches it replays); without augmentation a teacher's outputs of an image are one row, shared by
   every seed and batch size. The student reads it beside its teacher, so a cached student has its
   own hash;
 * train_student: dataset, student arch, student training settings (seed included), method name and
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -157,9 +159,13 @@ class _GraphBuilder:
         student_training, student_hashed = self._training(sections["student"], "student")
         cache = sections["teacher_cache"]
         self.cache_asked |= bool(cache["enabled"])
-        if cache["enabled"] and uses_teacher and all(part.teacher_logits_only for part in parts if part.uses_teacher):
+        readers = [part for part in parts if part.uses_teacher]
+        if cache["enabled"] and readers and all(part.teacher_outputs_only for part in readers) and (
+                cache["features"] or all(part.logits_only for part in readers)):
+            taps = [tap for part in readers for key in part.teacher_tap_params for tap in _listed(params[part.name][key])]
             student_upstream["teacher_outputs"] = self._teacher_outputs(
                 teacher, teacher_arch, student_dataset, {**student_training, "seed": seed}, cache, sections["student"],
+                list(dict.fromkeys(taps)),
             )
         student_settings = {"dataset": student_dataset, "arch": student_arch, "method": student_method}
         student = self._stage(
@@ -191,14 +197,16 @@ class _GraphBuilder:
 
     def _teacher_outputs(
         self, teacher: StageSpec, teacher_arch: str, dataset: Mapping[str, Any], training: Mapping[str, Any],
-        cache: Mapping[str, Any], runtime_section: Mapping[str, Any],
+        cache: Mapping[str, Any], runtime_section: Mapping[str, Any], taps: list[str | int],
     ) -> StageSpec:
-        """The stage that runs ``teacher`` once over the batches a student with ``training`` sees."""
+        """The stage that runs ``teacher`` once over the batches a student with ``training`` sees,
+        keeping its logits and the features at ``taps``."""
         augment = bool(training["augment"])
         replayed = {"seed": training["seed"], "batch_size": training["batch_size"], "epochs": training["epochs"]}
         top_k = cache["top_k"]
+        # top_k and taps are left out when unset: caches planned before they existed keep their hashes
         hashed = {"dataset": dict(dataset), "augment": augment, "dtype": cache["dtype"], **(replayed if augment else {}),
-                  **({"top_k": top_k} if top_k is not None else {})}  # left out when null: older caches keep their hashes
+                  **({"top_k": top_k} if top_k is not None else {}), **({"taps": taps} if taps else {})}
         spec = self._dataset_facts(dataset["name"])
         if top_k is not None and top_k >= spec.num_classes:
             raise SweepError(self.sweep.path, "defaults.teacher_cache.top_k",
@@ -209,8 +217,10 @@ class _GraphBuilder:
         value_bytes = 2 if cache["dtype"] == "float16" else 4
         # top-k: k values, k int16 classes and a float32 stand-in logit per sample
         size = rows * (spec.num_classes * value_bytes if top_k is None else top_k * (value_bytes + 2) + 4)
+        size += rows * value_bytes * _feature_values(teacher_arch, spec, taps)
         settings = {**hashed, "teacher_arch": teacher_arch, "training": dict(training), "bytes": size}
-        readable = [dataset["name"], teacher_arch, *([f"s{training['seed']}"] if augment else ["once"])]
+        readable = [dataset["name"], teacher_arch, *([f"s{training['seed']}"] if augment else ["once"]),
+                    *(["features"] if taps else [])]
         return self._stage(
             "teacher_outputs", "teacher_outputs", readable, settings=settings, upstream={"teacher": teacher},
             runtime=self._runtime(runtime_section), hashed=hashed, data=self._data_stage(dataset),
@@ -220,10 +230,11 @@ class _GraphBuilder:
         """SweepError when ``teacher_cache.enabled`` caches nothing, or more than ``teacher_cache.limit_gb``."""
         stages = self.groups["teacher_outputs"].values()
         if self.cache_asked and not stages:
-            logit_only = sorted(name for name, method in self.catalogue.methods.items() if method.teacher_logits_only)
+            readable = sorted(name for name, method in self.catalogue.methods.items() if method.teacher_outputs_only)
+            logits_only = sorted(name for name, method in self.catalogue.methods.items() if method.logits_only)
             raise SweepError(self.sweep.path, "defaults.teacher_cache.enabled",
-                             "no method of this sweep reads only the teacher's logits, so nothing can be cached",
-                             logit_only)
+                             "no method of this sweep reads only the teacher's logits (or, with features: true, its "
+                             f"logits and tapped features: {', '.join(readable)}), so nothing can be cached", logits_only)
         total = sum(stage.settings["bytes"] for stage in stages)
         limit = float(self.sweep.defaults["teacher_cache"]["limit_gb"])
         if total > limit * 1e9:
@@ -348,6 +359,22 @@ class _GraphBuilder:
         )
         self.groups[group][digest] = stage
         return stage
+
+
+def _listed(value: Any) -> list[Any]:
+    """A tap param's taps: a list of them, or one."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _feature_values(teacher_arch: str, dataset: DatasetSpec, taps: list[str | int]) -> int:
+    """Values per sample of the teacher's features at ``taps``: their shapes come from a forward
+    pass on torch's meta device, so only a plan that caches features imports torch."""
+    if not taps:
+        return 0
+    from models.registry import tap_shapes
+
+    shapes = tap_shapes(teacher_arch, tuple(dataset.image_shape), dataset.num_classes)
+    return sum(math.prod(shapes[tap]) for tap in taps)
 
 
 def method_settings(value: str, parts: list[MethodSpec], params: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:

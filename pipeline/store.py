@@ -153,6 +153,10 @@ class StageFolders:
         return (self.weights / "teacher_top_k_logits.npy", self.weights / "teacher_top_k_classes.npy",
                 self.weights / "teacher_top_k_fill.npy")
 
+    def teacher_features(self, taps: int) -> list[Path]:
+        """A ``teacher_outputs`` stage's cached features: one array per tap, in its settings' order."""
+        return [self.weights / f"teacher_features_{index}.npy" for index in range(taps)]
+
     def is_done(self) -> bool:
         """DONE is there and its files (sizes, and sha256 where the mtime moved) and upstreams match."""
         return self.done_problem() is None and self.done_marker.is_file()
@@ -219,7 +223,7 @@ class StageFolders:
         """What ``--force`` and ``invalidate`` remove: DONE first, then all a rebuild from scratch rewrites."""
         self.clear_done()
         for path in (self.checkpoint, self.final_weights, self.best_weights, self.prepared_images, self.teacher_logits,
-                     *self.teacher_top_k, self.log, self.result):
+                     *self.teacher_top_k, *self.weights.glob("teacher_features_*.npy"), self.log, self.result):
             path.unlink(missing_ok=True)
 
 

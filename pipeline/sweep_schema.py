@@ -97,7 +97,8 @@ SECTIONS: Mapping[str, Mapping[str, Field]] = MappingProxyType({
     "teacher": {**_TRAINING, "seed": SEED},
     "student": {key: field for key, field in _TRAINING.items() if key != "label_smoothing"},
     # A teacher_outputs stage (stages/teacher_outputs.py) per teacher and batch sequence, read by
-    # every student of a method that reads only the teacher's logits (METHOD teacher_logits_only).
+    # every student of a method that reads only the teacher's logits (METHOD teacher_outputs_only,
+    # no teacher taps), and with features: true by those that read its tapped features too.
     "teacher_cache": {
         "enabled": Field(
             "bool", False,
@@ -107,6 +108,11 @@ SECTIONS: Mapping[str, Mapping[str, Field]] = MappingProxyType({
         "dtype": Field("str", "float16", choices=CACHE_DTYPES,
                        help="float32 gives the uncached run's losses bit for bit (on a CPU), at twice the size"),
         "limit_gb": Field("float", 20.0, min=0.0, help="plan refuses a sweep whose cache stages hold more than this"),
+        "features": Field(
+            "bool", False,
+            help="also cache the teacher's features at its students' taps, for methods that read nothing else of it "
+                 "(METHOD teacher_outputs_only with teacher taps): large, so meant for augmentation off (one row)",
+        ),
         "top_k": Field(
             "int", None, min=1,
             help="keep each sample's k largest teacher logits (and one stand-in logit for the other classes) "

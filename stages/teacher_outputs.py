@@ -31,6 +31,8 @@ import numpy as np
 import torch
 
 from data.registry import Splits
+from models.registry import tap_shapes
+from models.taps import FeatureTaps
 from pipeline.store import StageFolders
 from stages.context import StageRun
 from stages.files import StageError, load_torch, save_torch
@@ -54,15 +56,23 @@ def _row_batches(data: Splits, settings: TrainingSettings, row: int) -> Iterator
         yield data.normalise(images), torch.arange(start, start + len(images))
 
 
-def _tables(folders: StageFolders, rows: int, samples: int, classes: int, dtype: str, top_k: int | None) -> dict[Path, tuple[tuple[int, ...], str]]:
-    """The arrays the stage writes, by final path: (shape, dtype)."""
+def _tables(
+    folders: StageFolders, rows: int, samples: int, classes: int, dtype: str, top_k: int | None,
+    feature_shapes: list[tuple[int, ...]],
+) -> dict[Path, tuple[tuple[int, ...], str]]:
+    """The arrays the stage writes, by final path: (shape, dtype). Logits first (all of them, or the
+    top-k arrays), then one array per cached tap."""
     if top_k is None:
-        return {folders.teacher_logits: ((rows, samples, classes), dtype)}
-    if classes > np.iinfo(np.int16).max:
-        raise StageError(f"top_k stores classes as int16, which cannot name {classes} classes; set top_k: null")
-    values, classes_file, fill = folders.teacher_top_k
-    return {values: ((rows, samples, top_k), dtype), classes_file: ((rows, samples, top_k), "int16"),
-            fill: ((rows, samples), "float32")}
+        tables = {folders.teacher_logits: ((rows, samples, classes), dtype)}
+    else:
+        if classes > np.iinfo(np.int16).max:
+            raise StageError(f"top_k stores classes as int16, which cannot name {classes} classes; set top_k: null")
+        values, classes_file, fill = folders.teacher_top_k
+        tables = {values: ((rows, samples, top_k), dtype), classes_file: ((rows, samples, top_k), "int16"),
+                  fill: ((rows, samples), "float32")}
+    for path, shape in zip(folders.teacher_features(len(feature_shapes)), feature_shapes):
+        tables[path] = ((rows, samples, *shape), dtype)
+    return tables
 
 
 def top_k_with_fill(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -86,9 +96,13 @@ def run(stage: StageRun) -> None:
     settings = TrainingSettings.from_settings(training, seed=training["seed"])
     data = load_stage_data(spec, stage.upstream, stage.device)
     teacher = stage.prepare(load_classifier(stage.upstream["teacher"].final_weights, device).model, "teacher")
+    taps = list(spec.settings.get("taps", []))
+    tapped = FeatureTaps(teacher, taps)
     switches = stage.switches
     rows, top_k = (settings.epochs if settings.augment else 1), spec.settings.get("top_k")
-    tables = _tables(folders, rows, len(data.train_labels), data.num_classes, spec.settings["dtype"], top_k)
+    shapes = tap_shapes(spec.settings["teacher_arch"], tuple(data.image_shape), data.num_classes) if taps else {}
+    tables = _tables(folders, rows, len(data.train_labels), data.num_classes, spec.settings["dtype"], top_k,
+                     [shapes[tap] for tap in taps])
     for final in tables:  # named but not in a DONE: a job killed between the renames and DONE
         if final.is_file():
             os.replace(final, _partial_file(final))
@@ -105,8 +119,10 @@ def run(stage: StageRun) -> None:
     for row in range(done, rows):
         for images, indices in _row_batches(data, settings, row):
             with torch.no_grad(), switches.autocast(device):
-                logits = teacher(switches.inputs(images, device)).float()
+                logits, features = tapped(switches.inputs(images, device))
+            logits = logits.float()
             parts = (logits,) if top_k is None else top_k_with_fill(logits, top_k)
+            parts = (*parts, *(features[tap].float() for tap in taps))
             samples = indices.cpu().numpy()
             for array, part in zip(arrays, parts):
                 array[row, samples] = part.cpu().numpy()
@@ -119,7 +135,7 @@ def run(stage: StageRun) -> None:
     for final in tables:
         os.replace(_partial_file(final), final)
     log = dict(
-        stage.record(seed=settings.seed), epochs=[], best_epoch=None, status="done", rows=rows, top_k=top_k,
+        stage.record(seed=settings.seed), epochs=[], best_epoch=None, status="done", rows=rows, top_k=top_k, taps=taps,
         shape=[rows, len(data.train_labels), data.num_classes], dtype=spec.settings["dtype"],
         bytes=sum(final.stat().st_size for final in tables), resumed_at_row=done,
         images_per_second=round((rows - done) * len(data.train_labels) / seconds, 1) if seconds > 0 and rows > done else None,
@@ -130,22 +146,24 @@ def run(stage: StageRun) -> None:
 class TeacherLogits:
     """A finished ``teacher_outputs`` stage's files, memory-mapped: what a student reads instead of its
     teacher. With ``top_k`` the logits of a batch are rebuilt: each sample's stand-in logit for
-    every class, and its k kept logits in their classes (``top_k_with_fill``).
+    every class, and its k kept logits in their classes (``top_k_with_fill``). ``taps`` are the
+    teacher taps whose features the stage kept, in its settings' order.
 
     Indices on the host (data in host memory) read their rows from the files batch by batch. Indices
     on a GPU (data resident there) read from a copy of the epoch's whole row on that GPU, made once
-    per epoch (CIFAR-100: 10 MB in float16), so no step copies from the host.
+    per epoch (CIFAR-100: 10 MB of float16 logits), so no step copies from the host.
     """
 
     def __init__(self, folders: StageFolders, num_classes: int):
         self.top_k = not folders.teacher_logits.is_file()
-        paths = folders.teacher_top_k if self.top_k else (folders.teacher_logits,)
+        self.taps = list(json.loads(folders.config.read_text())["settings"].get("taps", []))
+        paths = [*(folders.teacher_top_k if self.top_k else (folders.teacher_logits,)), *folders.teacher_features(len(self.taps))]
         self.tables = [np.load(path, mmap_mode="r") for path in paths]
         self.num_classes = num_classes
         self._on_device: tuple[int, list[torch.Tensor]] | None = None
 
-    def batch(self, epoch: int, indices: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """The teacher's float32 logits (N, classes) of training samples ``indices`` in ``epoch``."""
+    def outputs(self, epoch: int, indices: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, dict[str | int, torch.Tensor]]:
+        """The teacher's float32 logits and its features at ``taps`` of training samples ``indices`` in ``epoch``."""
         row = epoch if len(self.tables[0]) > 1 else 0
         if indices.device.type == "cpu":
             parts = [torch.from_numpy(table[row][indices.numpy()]) for table in self.tables]
@@ -155,11 +173,12 @@ class TeacherLogits:
                                          for table in self.tables])
             parts = [part[indices] for part in self._on_device[1]]
         parts = [part.to(device) for part in parts]
+        features = {tap: part.float() for tap, part in zip(self.taps, parts[len(parts) - len(self.taps):])}
         if not self.top_k:
-            return parts[0].float()
-        values, classes, fill = parts
+            return parts[0].float(), features
+        values, classes, fill = parts[:3]
         logits = fill[:, None].expand(len(fill), self.num_classes).clone()
-        return logits.scatter_(1, classes.long(), values.float())
+        return logits.scatter_(1, classes.long(), values.float()), features
 
 
 def cached_teacher_arch(folder_config: Path) -> str:

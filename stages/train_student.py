@@ -48,7 +48,7 @@ def distillation_terms(
             if batch.images is not images:
                 raise StageError("the method changes the batch's images (prepare_batch), which the cached teacher "
                                  "logits never saw; plan it without teacher_cache")
-            teacher_output = ModelOutput(cached.batch(epoch, indices, images.device))
+            teacher_output = ModelOutput(*cached.outputs(epoch, indices, images.device))
         elif teacher_taps is not None:
             with torch.no_grad():
                 teacher_output = ModelOutput(*teacher_taps(batch.images))

@@ -151,14 +151,27 @@ def test_a_cache_that_caches_nothing_or_too_much_is_refused(tmp_path) -> None:
                                                                                 "limit_gb": 0.000104}}))
 
 
-def test_logit_only_methods_read_no_taps_and_keep_the_batch() -> None:
+def test_methods_that_read_only_the_teachers_outputs_keep_the_batch_and_tap_what_their_params_name() -> None:
+    """What METHOD teacher_outputs_only promises and the cache relies on: the loader's batch (no
+    prepare_batch), and teacher taps that the catalogue's tap params name (what the cache keeps)."""
     from distill.base import method_class
+    from distill.composition import build_method
+    from models.registry import tap_shapes
+    from pipeline.plan import _listed, method_settings
 
-    logit_only = [name for name, spec in load_catalogue().methods.items() if spec.teacher_logits_only]
-    assert sorted(logit_only) == ["ckd", "dist", "dkd", "kd"]
-    for name in logit_only:
-        cls = method_class(name)
-        assert cls.prepare_batch is Method.prepare_batch and cls.teacher_taps is Method.teacher_taps, name
+    catalogue = load_catalogue()
+    readers = {name: spec for name, spec in catalogue.methods.items() if spec.teacher_outputs_only}
+    assert sorted(readers) == ["at", "ckd", "dist", "dkd", "feature_only", "fitnet", "kd", "vid"]
+    assert sorted(name for name, spec in readers.items() if spec.logits_only) == ["ckd", "dist", "dkd", "kd"]
+    shape = (3, 32, 32)
+    context = MethodContext(num_classes=10, teacher_tap_shapes=tap_shapes("resnet20", shape, 10),
+                            student_tap_shapes=tap_shapes("resnet20", shape, 10))
+    for name, spec in readers.items():
+        assert method_class(name).prepare_batch is Method.prepare_batch, name
+        params = {key: field.default for key, field in spec.params.items()}
+        method = build_method(method_settings(name, [spec], {name: params}), context)
+        named = [tap for key in spec.teacher_tap_params for tap in _listed(params[key])]
+        assert list(method.teacher_taps) == list(dict.fromkeys(named)), name
 
 
 def test_a_cached_student_whose_method_changes_the_images_is_stopped() -> None:
@@ -174,8 +187,8 @@ def test_a_cached_student_whose_method_changes_the_images_is_stopped() -> None:
             return {"zero": student.logits.sum() * 0}
 
     class Logits:
-        def batch(self, epoch: int, indices: torch.Tensor, device: torch.device) -> torch.Tensor:
-            return torch.zeros(len(indices), 2)
+        def outputs(self, epoch: int, indices: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, dict]:
+            return torch.zeros(len(indices), 2), {}
 
     method = Mixing({}, MethodContext(num_classes=2, teacher_tap_shapes={}, student_tap_shapes={}))
     terms = distillation_terms(torch.nn.Linear(3, 2), None, method, Logits())
@@ -253,3 +266,45 @@ def test_top_k_of_every_class_is_refused(tmp_path) -> None:
     with pytest.raises(SweepError, match=r"defaults.teacher_cache.top_k: 10 keeps every one of digits's 10 classes; "
                                          r"set null to cache all logits; allowed: 1..9, null"):
         build_plan(write_sweep(tmp_path / "all.yaml", {"defaults.teacher_cache": {"enabled": True, "top_k": 10}}))
+
+
+def test_cached_teacher_features_train_a_fitnet_student_bit_for_bit_as_its_teacher_does(
+    tiny_in_process: SweepRun, tmp_path, restore_torch_threads
+) -> None:
+    """teacher_cache.features keeps the teacher's maps at fitnet's hint tap (float32, augmented,
+    2 epochs): the student's terms and weights are those of the student that ran its teacher."""
+    features = {"defaults.teacher_cache": {"enabled": True, "dtype": "float32", "features": True}, "axes.method": ["kd", "fitnet"]}
+    plan, root = _run_cached(tiny_in_process, tmp_path / "cached", features)
+    outputs = plan.stages[plan.stages[stage_name(plan, "student_stage", "fitnet")].upstream["teacher_outputs"]]
+    assert outputs.settings["taps"] == ["layer2"] and "features" in outputs.name
+    folders = StageFolders(root, outputs.name)
+    [feature_file] = folders.teacher_features(1)
+    assert np.load(feature_file, mmap_mode="r").shape == (2, 1294, 32, 4, 4)
+    assert outputs.settings["bytes"] == sum(path.stat().st_size - 128 for path in (folders.teacher_logits, feature_file))
+
+    uncached_plan = build_plan(write_sweep(tmp_path / "plain.yaml", {"axes.method": ["fitnet"]}))
+    plain_root = tmp_path / "plain"
+    copy_stage(tiny_in_process.root, plain_root, stage_name(uncached_plan, "teacher_stage", "fitnet"))
+    student = uncached_plan.stages[stage_name(uncached_plan, "student_stage", "fitnet")]
+    run_stage(student, plain_root)
+    cached_name = stage_name(plan, "student_stage", "fitnet")
+    assert plan.stages[cached_name].upstream["teacher_outputs"] == outputs.name
+    cached = read_log(StageFolders(root, cached_name).logs)
+    uncached = read_log(StageFolders(plain_root, student.name).logs)
+    assert [entry["terms"] for entry in cached["epochs"]] == [entry["terms"] for entry in uncached["epochs"]]
+    weights = torch.load(StageFolders(root, cached_name).final_weights, weights_only=False)["model"]
+    reference = torch.load(StageFolders(plain_root, student.name).final_weights, weights_only=False)["model"]
+    assert all(torch.equal(weights[key], reference[key]) for key in reference)
+
+
+def test_feature_students_read_the_cache_only_when_features_are_asked(tmp_path) -> None:
+    logits = build_plan(write_sweep(tmp_path / "logits.yaml", {**CACHED, "axes.method": ["kd", "fitnet", "at"]}))
+    assert {spec.settings["method"]["name"] for spec in logits.stages.values()
+            if spec.kind == "train_student" and "teacher_outputs" in spec.upstream} == {"kd"}
+    with_features = build_plan(write_sweep(tmp_path / "features.yaml", {
+        "defaults.teacher_cache": {"enabled": True, "features": True}, "defaults.student.augment": False,
+        "axes.method": ["kd", "fitnet", "at", "at+kd", "crd"]}))
+    caches = {spec.name: spec.settings.get("taps", []) for spec in with_features.stages.values() if spec.kind == "teacher_outputs"}
+    assert sorted(caches.values()) == [[], ["layer1", "layer2", "layer3"], ["layer2"]]  # at and at+kd share theirs
+    readers = [spec for spec in with_features.stages.values() if spec.kind == "train_student" and "teacher_outputs" in spec.upstream]
+    assert sorted(spec.settings["method"]["name"] for spec in readers) == ["at", "at+kd", "fitnet", "kd"]
