@@ -1,0 +1,155 @@
+"""Statistics of one tap's feature maps, and how a student's differ from its teacher's at a matching tap.
+
+A tap's maps F are (N, C, H, W), or (N, D) for an embedding; everything is computed in float64 from
+whatever dtype or device they come in. The work goes one channel at a time, so the temporaries (the
+FFT, the wavelet bands, the blurred copy) stay the size of one channel, and a caller can stream the
+taps one by one instead of holding every layer's features at once.
+
+Distribution statistics are taken per channel over its N*H*W values (N for an embedding) and then
+averaged over channels; spread uses the biased (population) moments throughout, as ``scipy.stats``
+does with ``bias=True``. A constant channel has no skewness or kurtosis. scipy gives NaN (and a
+precision-loss warning) when the spread it computes is under its rounding threshold, but the mean
+of 100 copies of 0.1 rounds off enough to get skewness 1.0 from it; so a channel whose values are
+all equal gets NaN here without calling scipy, and the channel average skips NaN, so one dead
+channel does not blank the whole tap.
+
+Spatial statistics are per map, one channel of one sample (H, W), then averaged over the maps that
+have a value. All three look at the map with its own mean removed. The issue fixes that for the
+spectral entropy; for the wavelet and low-pass ratios it is our choice. A map's mean is an offset,
+not spatial structure (post-ReLU maps have a large one), and on the raw map the whole offset lands
+in the Haar approximation band and in the low-pass denominator: both ratios would shrink as the
+activations shift up, and a student whose maps sit higher than its teacher's would look smoother
+when only its offset differs (which ``cv`` already reports). The price: our wavelet ratio is not
+the raw-map figure the Distillation Benchmarks project measures. A constant map (all values equal,
+zeros included) has no spatial structure, so its three terms are NaN and skipped; a tap where every
+map is constant gives NaN, without numpy's all-NaN warning.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import numpy as np
+import pywt
+import torch
+import torch.nn.functional as F
+from scipy import ndimage, special, stats
+
+CV_EPS = 1e-8
+LOWPASS_SIGMA = 1.0
+
+
+@dataclass(frozen=True)
+class TapStatistics:
+    """One tap's statistics; from ``compare``, each is student minus teacher.
+
+    ``lowpass_sigma`` is not a statistic but the Gaussian blur's sigma the low-pass ratio used; a
+    difference keeps it as it is. The spatial fields are NaN for (N, D) embeddings.
+    """
+
+    std: float
+    cv: float
+    skew: float
+    excess_kurtosis: float
+    iqr: float
+    wavelet_high_ratio: float
+    spectral_entropy: float
+    lowpass_residual_ratio: float
+    lowpass_sigma: float = LOWPASS_SIGMA
+
+    def minus(self, other: TapStatistics) -> TapStatistics:
+        return TapStatistics(**{
+            field.name: getattr(self, field.name) - getattr(other, field.name)
+            for field in fields(self) if field.name != "lowpass_sigma"
+        }, lowpass_sigma=self.lowpass_sigma)
+
+
+def _float64(maps: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(maps, torch.Tensor):
+        return maps.detach().to(device="cpu", dtype=torch.float64).numpy()
+    return np.asarray(maps, dtype=np.float64)
+
+
+def _nanmean(values: np.ndarray) -> float:
+    """The mean of the non-NaN values, NaN when there are none (numpy's nanmean would warn)."""
+    kept = values[~np.isnan(values)]
+    return float(kept.mean()) if kept.size else math.nan
+
+
+def _distribution(values: np.ndarray) -> tuple[float, float, float, float, float]:
+    """(std, cv, skew, excess kurtosis, IQR) of one channel's values."""
+    mean, std = values.mean(), values.std()
+    if values.min() == values.max():
+        skew = kurtosis = math.nan
+    else:
+        skew = stats.skew(values, bias=True)
+        kurtosis = stats.kurtosis(values, fisher=True, bias=True)
+    return float(std), float(std / (abs(mean) + CV_EPS)), float(skew), float(kurtosis), float(stats.iqr(values))
+
+
+def _spatial(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per map of (N, H, W): the Haar high-band energy ratio, the spectral entropy and the low-pass
+    residual ratio, NaN where a map is constant or too small for the term."""
+    count, height, width = maps.shape
+    structured = maps.min(axis=(1, 2)) < maps.max(axis=(1, 2))
+    centred = maps - maps.mean(axis=(1, 2), keepdims=True)
+
+    def ratio(part: np.ndarray, whole: np.ndarray) -> np.ndarray:
+        """part / whole where the map has structure (whole > 0 there), NaN elsewhere, without 0/0."""
+        return np.where(structured, part / np.where(structured, whole, 1.0), np.nan)
+
+    wavelet = np.full(count, np.nan)
+    if height >= 2 and width >= 2:
+        # Periodization keeps ceil(H/2) x ceil(W/2) coefficients, an odd side extended by its last
+        # sample; the Haar transform is then not energy-preserving, so the total is the four bands'.
+        approximation, details = pywt.dwt2(centred, "haar", mode="periodization", axes=(1, 2))
+        high = sum((band**2).sum(axis=(1, 2)) for band in details)
+        wavelet = ratio(high, high + (approximation**2).sum(axis=(1, 2)))
+
+    entropy = np.full(count, np.nan)
+    if height * width - 1 >= 2:
+        power = (np.abs(np.fft.fft2(centred, axes=(1, 2)))**2).reshape(count, -1)[:, 1:]
+        share = power / np.where(structured, power.sum(axis=1), 1.0)[:, None]
+        entropy = np.where(structured, special.entr(share).sum(axis=1), np.nan) / math.log(height * width - 1)
+
+    # scipy's default boundary, 'reflect' (the edge sample repeated), keeps a constant map constant.
+    blurred = ndimage.gaussian_filter(maps, sigma=LOWPASS_SIGMA, mode="reflect", axes=(1, 2))
+    lowpass = ratio(((maps - blurred)**2).sum(axis=(1, 2)), (centred**2).sum(axis=(1, 2)))
+    return wavelet, entropy, lowpass
+
+
+def tap_statistics(maps: np.ndarray | torch.Tensor) -> TapStatistics:
+    """The statistics of one tap's (N, C, H, W) maps or (N, D) embeddings (spatial terms then NaN)."""
+    values = _float64(maps)
+    if values.ndim not in (2, 4):
+        raise ValueError(f"tap_statistics takes (N, C, H, W) maps or (N, D) embeddings, not shape {values.shape}")
+    channels = values.shape[1]
+    distribution = np.empty((channels, 5))
+    spatial: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    for channel in range(channels):
+        block = values[:, channel]
+        distribution[channel] = _distribution(block.ravel())
+        if values.ndim == 4:
+            spatial.append(_spatial(block))
+    std, cv, skew, kurtosis, iqr = (_nanmean(column) for column in distribution.T)
+    if spatial:
+        wavelet, entropy, lowpass = (_nanmean(np.concatenate(term)) for term in zip(*spatial))
+    else:
+        wavelet = entropy = lowpass = math.nan
+    return TapStatistics(std, cv, skew, kurtosis, iqr, wavelet, entropy, lowpass)
+
+
+def compare(student_maps: np.ndarray | torch.Tensor, teacher_maps: np.ndarray | torch.Tensor) -> TapStatistics:
+    """Student minus teacher at a matching tap, the larger map first average-pooled to the smaller
+    height and width (``adaptive_avg_pool2d``, as the feature losses in ``distill/`` pool). Channel
+    counts may differ: every statistic is an average over channels or maps."""
+    student, teacher = _float64(student_maps), _float64(teacher_maps)
+    if student.ndim != teacher.ndim:
+        raise ValueError(f"compare needs both taps maps or both embeddings, not shapes {student.shape} and {teacher.shape}")
+    if student.ndim == 4:
+        size = (min(student.shape[2], teacher.shape[2]), min(student.shape[3], teacher.shape[3]))
+        student, teacher = (
+            F.adaptive_avg_pool2d(torch.from_numpy(side), size).numpy() if side.shape[2:] != size else side
+            for side in (student, teacher)
+        )
+    return tap_statistics(student).minus(tap_statistics(teacher))
