@@ -58,6 +58,17 @@ def test_a_checkerboard_has_all_its_wavelet_energy_in_the_high_bands_and_a_two_p
     assert result.cv == pytest.approx(1.0 / 1e-8)
 
 
+def test_spatial_terms_ignore_the_maps_offset() -> None:
+    """The wavelet and low-pass ratios are taken on the mean-removed map, as the spectral entropy is."""
+    rows, columns = np.mgrid[0:16, 0:16]
+    bump = np.exp(-((rows - 7.5) ** 2 + (columns - 7.5) ** 2) / (2 * 3.0**2))
+    for pattern in (_checkerboard(16), bump):
+        plain, lifted = tap_statistics(_tap(pattern)), tap_statistics(_tap(pattern + 10.0))
+        for name in SPATIAL:
+            assert getattr(lifted, name) == pytest.approx(getattr(plain, name), abs=1e-9)
+    assert tap_statistics(_tap(_checkerboard(16) + 10.0)).wavelet_high_ratio == pytest.approx(1.0, abs=1e-12)
+
+
 def test_constant_channels_and_maps_are_skipped_by_the_averages() -> None:
     tap = np.stack([np.full((8, 8), 0.1), _checkerboard(8)])[None].repeat(2, axis=0)
     result = tap_statistics(tap)
@@ -113,9 +124,25 @@ def test_a_wide_smooth_bump_leaves_far_less_low_pass_residual_than_white_noise()
     assert smooth.lowpass_sigma == noisy.lowpass_sigma == LOWPASS_SIGMA == 1.0
 
 
+@pytest.mark.parametrize("mode", [1, 4, 11])
+def test_a_half_sample_cosine_keeps_the_blurs_frequency_response_as_its_low_pass_residual(mode: int) -> None:
+    """cos(pi k (x + 1/2) / W) is even about both edges, so the 'reflect' blur scales it by the kernel's
+    response at that frequency: scipy's sigma-1 kernel, exp(-j^2 / 2) for |j| <= 4 (truncate 4) scaled
+    to sum 1. The residual is then (1 - response)^2 of the map's energy, and the mean is 0."""
+    width = 16
+    pattern = np.tile(np.cos(np.pi * mode * (np.arange(width) + 0.5) / width), (12, 1))
+    offsets = np.arange(-4, 5)
+    weights = np.exp(-(offsets**2) / 2)
+    response = (weights * np.cos(np.pi * mode * offsets / width)).sum() / weights.sum()
+    result = tap_statistics(_tap(pattern))
+    assert result.lowpass_residual_ratio == pytest.approx((1 - response) ** 2, rel=1e-9)
+
+
 def test_maps_too_small_for_a_term_give_nan_for_it_and_odd_sizes_are_measured() -> None:
     rng = np.random.default_rng(10)
-    one_by_two = tap_statistics(rng.normal(size=(4, 2, 1, 2)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        one_by_two = tap_statistics(rng.normal(size=(4, 2, 1, 2)))
     assert math.isnan(one_by_two.wavelet_high_ratio) and math.isnan(one_by_two.spectral_entropy)
     assert 0 < one_by_two.lowpass_residual_ratio
     assert 0 < tap_statistics(rng.normal(size=(4, 2, 1, 3))).spectral_entropy <= 1
