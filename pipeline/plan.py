@@ -160,7 +160,8 @@ class _GraphBuilder:
         cache = sections["teacher_cache"]
         self.cache_asked |= bool(cache["enabled"])
         readers = [part for part in parts if part.uses_teacher]
-        if cache["enabled"] and readers and all(part.teacher_outputs_only for part in readers) and (
+        chosen = cache["methods"] is None or values["method"] in cache["methods"]
+        if cache["enabled"] and chosen and readers and all(part.teacher_outputs_only for part in readers) and (
                 cache["features"] or all(part.logits_only for part in readers)):
             taps = [tap for part in readers for key in part.teacher_tap_params for tap in _listed(params[part.name][key])]
             student_upstream["teacher_outputs"] = self._teacher_outputs(

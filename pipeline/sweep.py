@@ -147,6 +147,7 @@ class _SweepChecker:
         self._check_subsets(axes, defaults, data_root)
         self._check_image_sizes(axes)
         self._check_zero_epochs(axes, defaults)
+        self._check_cached_methods(axes, defaults)
         resources = self._resources(top.get("resources"))
         self._check_student_ranks(axes, resources)
         return Sweep(name, self.file, data_root, axes, defaults, resources)
@@ -390,6 +391,13 @@ class _SweepChecker:
                         problem = (f"{subset_size} is more than the {size} images of {dataset}'s training split "
                                    f"(after the validation hold-out of {fraction_at})")
                         raise self._error(where, problem, [f"1..{size}", "null (the whole split)"])
+
+    def _check_cached_methods(self, axes: Mapping[str, tuple], defaults: Mapping[str, Mapping[str, Any]]) -> None:
+        """teacher_cache.methods names methods of the method axis."""
+        for where, methods in _section_values(axes, defaults, "teacher_cache", "methods"):
+            for index, method in enumerate(methods or []):
+                if method not in axes["method"]:
+                    raise self._error(f"{where}[{index}]", f"{method!r} is not on the method axis", axes["method"])
 
     def _check_zero_epochs(self, axes: Mapping[str, tuple], defaults: Mapping[str, Mapping[str, Any]]) -> None:
         """epochs 0 (use imported weights as they are) only for a teacher that imports weights."""

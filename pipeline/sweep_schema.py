@@ -108,6 +108,10 @@ SECTIONS: Mapping[str, Mapping[str, Field]] = MappingProxyType({
         "dtype": Field("str", "float16", choices=CACHE_DTYPES,
                        help="float32 gives the uncached run's losses bit for bit (on a CPU), at twice the size"),
         "limit_gb": Field("float", 20.0, min=0.0, help="plan refuses a sweep whose cache stages hold more than this"),
+        "methods": Field(
+            "list", None, item_type="str",
+            help="the methods (axis values, e.g. kd or kd+dist) whose students read the cache; null: every one that can",
+        ),
         "features": Field(
             "bool", False,
             help="also cache the teacher's features at its students' taps, for methods that read nothing else of it "

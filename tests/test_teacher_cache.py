@@ -308,3 +308,14 @@ def test_feature_students_read_the_cache_only_when_features_are_asked(tmp_path) 
     assert sorted(caches.values()) == [[], ["layer1", "layer2", "layer3"], ["layer2"]]  # at and at+kd share theirs
     readers = [spec for spec in with_features.stages.values() if spec.kind == "train_student" and "teacher_outputs" in spec.upstream]
     assert sorted(spec.settings["method"]["name"] for spec in readers) == ["at", "at+kd", "fitnet", "kd"]
+
+
+def test_the_cache_can_be_kept_to_some_methods(tmp_path) -> None:
+    some = {"defaults.teacher_cache": {"enabled": True, "methods": ["kd", "kd+dist"]}, "axes.method": ["kd", "dkd", "kd+dist"]}
+    plan = build_plan(write_sweep(tmp_path / "some.yaml", some))
+    reads = {spec.settings["method"]["name"]: "teacher_outputs" in spec.upstream
+             for spec in plan.stages.values() if spec.kind == "train_student"}
+    assert reads == {"kd": True, "dkd": False, "kd+dist": True}
+    with pytest.raises(SweepError, match=r"bad.yaml: defaults.teacher_cache.methods\[1\]: 'dist' is not on the method "
+                                         r"axis; allowed: kd, dkd, kd\+dist"):
+        build_plan(write_sweep(tmp_path / "bad.yaml", {**some, "defaults.teacher_cache": {"enabled": True, "methods": ["kd", "dist"]}}))
