@@ -4,7 +4,7 @@ A sweep of M logit methods (kd, dkd, dist, ckd) on one teacher runs the same tea
 times over the same batches: each student's batches are a pure function of its seed, epoch, batch
 size and augmentation (``stages.training.training_batches``). This stage replays those batches,
 runs the teacher once and stores its logits in ``weights/<stage>/teacher_logits.npy``, an array
-(rows, N, classes) that students memory-map (``TeacherLogits``): row ``e`` holds epoch ``e``'s
+(rows, N, classes) that students memory-map (``TeacherOutputs``): row ``e`` holds epoch ``e``'s
 logits of training sample ``i`` at ``[e, i]``. Without augmentation an image is the same in every
 epoch, so one row serves every epoch, seed and batch size.
 
@@ -16,7 +16,7 @@ from the first unfinished row, and the file gets its final name, and DONE its sh
 
 With ``top_k`` the stage keeps three arrays instead (``StageFolders.teacher_top_k``): each
 sample's k largest logits, their classes, and one stand-in logit for the other classes
-(``top_k_with_fill``), from which ``TeacherLogits`` rebuilds a full row of logits per sample.
+(``top_k_with_fill``), from which ``TeacherOutputs`` rebuilds a full row of logits per sample.
 """
 from __future__ import annotations
 
@@ -143,7 +143,7 @@ def run(stage: StageRun) -> None:
     stage.finish(log, list(tables), plots=False)
 
 
-class TeacherLogits:
+class TeacherOutputs:
     """A finished ``teacher_outputs`` stage's files, memory-mapped: what a student reads instead of its
     teacher. With ``top_k`` the logits of a batch are rebuilt: each sample's stand-in logit for
     every class, and its k kept logits in their classes (``top_k_with_fill``). ``taps`` are the
@@ -155,8 +155,9 @@ class TeacherLogits:
     """
 
     def __init__(self, folders: StageFolders, num_classes: int):
-        self.top_k = not folders.teacher_logits.is_file()
-        self.taps = list(json.loads(folders.config.read_text())["settings"].get("taps", []))
+        settings = json.loads(folders.config.read_text())["settings"]  # the stage's own: what it wrote
+        self.top_k = settings.get("top_k") is not None
+        self.taps = list(settings.get("taps", []))
         paths = [*(folders.teacher_top_k if self.top_k else (folders.teacher_logits,)), *folders.teacher_features(len(self.taps))]
         self.tables = [np.load(path, mmap_mode="r") for path in paths]
         self.num_classes = num_classes

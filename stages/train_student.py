@@ -24,12 +24,12 @@ from stages.loading import (
     model_state,
     new_classifier,
 )
-from stages.teacher_outputs import TeacherLogits, cached_teacher_arch
+from stages.teacher_outputs import TeacherOutputs, cached_teacher_arch
 from stages.training import ComputeTerms, EpochLoop, TrainingSettings, backbone_lr_scales, training_outputs
 
 
 def distillation_terms(
-    student: nn.Module, teacher: nn.Module | None, method: Method, cached: TeacherLogits | None = None,
+    student: nn.Module, teacher: nn.Module | None, method: Method, cached: TeacherOutputs | None = None,
 ) -> ComputeTerms:
     """One batch's loss terms: the method's batch (mixed, for mixup) through the frozen teacher (no
     grad) and the student, each with the method's taps; with ``cached``, the teacher's logits of
@@ -79,7 +79,7 @@ def run(stage: StageRun) -> None:
     cached = None
     if "teacher_outputs" in upstream:  # the teacher's logits are on file: its network is not needed
         outputs = upstream["teacher_outputs"]
-        cached, teacher, teacher_arch = TeacherLogits(outputs, data.num_classes), None, cached_teacher_arch(outputs.config)
+        cached, teacher, teacher_arch = TeacherOutputs(outputs, data.num_classes), None, cached_teacher_arch(outputs.config)
     elif "teacher" in upstream:
         trained_teacher = load_classifier(upstream["teacher"].final_weights, device)
         teacher, teacher_arch = stage.prepare(trained_teacher.model, "teacher"), trained_teacher.arch
