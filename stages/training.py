@@ -209,9 +209,9 @@ def training_batches(data: Splits, settings: TrainingSettings, epoch: int) -> It
     index into the training set, for methods that keep per-sample state. The order and every
     augmentation draw come from the epoch's generator, in memory or streamed alike."""
     generator = epoch_generator(settings.seed, epoch)
-    order = torch.randperm(len(data.train_labels), generator=generator)
+    # drawn on the host, moved once per epoch: labels, indices and (resident) images are picked where they live
+    order = torch.randperm(len(data.train_labels), generator=generator).to(data.train_labels.device)
     images = data.epoch_images(order, settings.batch_size, generator if settings.augment else None)
-    order = order.to(data.train_labels.device)  # once per epoch: labels and indices are picked where they live
     for start, batch in zip(range(0, len(order), settings.batch_size), images):
         index = order[start : start + settings.batch_size]
         yield data.normalise(batch), data.train_labels[index], index
