@@ -20,6 +20,7 @@ import matplotlib
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from pipeline import store
 from pipeline.plots import new_figure, png_bytes
@@ -28,7 +29,9 @@ LAYERS_FILE = "Layers.png"
 GEOMETRY_PANELS = {"separation": "separation S", "information": "information I",
                    "efficiency": "efficiency E", "quality": "quality Q"}
 DIMENSION_CURVES = {"pca_id": "PCA ID", "twonn": "TwoNN"}
-MOST_TAP_LABELS = 40
+MOST_TAP_LABELS = 30
+UPRIGHT_TAP_LABELS = 10
+FEW_FREQUENCIES = 4
 SMALL = 9
 
 
@@ -83,14 +86,19 @@ def tap_comparison(teacher: dict[str, Any], student: dict[str, Any], tap: str, s
     tail, and a linear axis would show nothing else. The middle and right columns hold the teacher
     (top) and student (bottom) mean channel maps and log-power spectra, each with its own colour
     scale, since the two models' activations need not share a range; a student map smaller than the
-    teacher's simply fills its own axes. A (D,) tap has no maps, and its map panels say so.
+    teacher's simply fills its own axes. Where neither model has maps (a (D,) tap) the figure is the
+    histogram alone; where only one has, the other's map panels say so.
     """
     models = {"teacher": teacher, "student": student}
     entries = {role: _tap(record, tap, split) for role, record in models.items()}
-    figure = new_figure(14, 8)
-    panels = figure.subplot_mosaic([["histogram", "teacher map", "teacher spectrum"],
-                                    ["histogram", "student map", "student spectrum"]])
-    histogram = panels["histogram"]
+    spatial = any(entry["mean_map"] is not None or entry["log_power"] is not None for entry in entries.values())
+    figure = new_figure(14, 8) if spatial else new_figure(10, 6)
+    if spatial:
+        panels = figure.subplot_mosaic([["histogram", "teacher map", "teacher spectrum"],
+                                        ["histogram", "student map", "student spectrum"]])
+        histogram = panels["histogram"]
+    else:
+        histogram = figure.add_subplot()
     for role, record in models.items():
         entry = entries[role]
         density = np.asarray(entry["histogram"]["density"], dtype=float)
@@ -103,11 +111,13 @@ def tap_comparison(teacher: dict[str, Any], student: dict[str, Any], tap: str, s
     histogram.set_title("activation histogram (all values of the tap)", fontsize=11)
     histogram.grid(True, alpha=0.3)
     histogram.legend(fontsize=SMALL)
-    for role, record in models.items():
-        entry = entries[role]
-        title = f"{role} {record['arch']} {_shape(entry)}"
-        _mean_map(figure, panels[f"{role} map"], entry["mean_map"], f"{title}\nmean over samples and channels")
-        _spectrum(figure, panels[f"{role} spectrum"], entry["log_power"], f"{title}\nmean log10 power, mean removed")
+    if spatial:
+        for role, record in models.items():
+            entry = entries[role]
+            title = f"{role} {record['arch']} {_shape(entry)}"
+            _mean_map(figure, panels[f"{role} map"], entry["mean_map"], f"{title}\nmean over samples and channels")
+            _spectrum(figure, panels[f"{role} spectrum"], entry["log_power"],
+                      f"{title}\nmean log10 power, mean removed (grey: 0 frequency)")
     figure.suptitle(f"tap {tap}: {_model(teacher)} vs {_model(student)} on {student['dataset']} — {split} split",
                     fontsize=12)
     return figure
@@ -135,7 +145,7 @@ def statistics_heatmap(rows: list[str], columns: list[str], values: np.ndarray, 
     for row in range(len(rows)):
         for column in range(len(columns)):
             value = values[row, column]
-            text = "n/a" if math.isnan(value) else f"{value:.3g}"
+            text = "n/a" if math.isnan(value) else f"{value + 0.0:.3g}"
             dark = not math.isnan(value) and abs(scaled[row, column]) > 0.6
             axes.text(column, row, text, ha="center", va="center", fontsize=SMALL + 1,
                       color="white" if dark else "black")
@@ -212,6 +222,9 @@ def _model(record: dict[str, Any]) -> str:
 
 
 def _shape(entry: dict[str, Any]) -> str:
+    """``256×8×8`` for maps; a bare ``256`` could be misread as a map count, so ``256-vector`` for (D,)."""
+    if len(entry["shape"]) == 1:
+        return f"{entry['shape'][0]}-vector"
     return "×".join(str(size) for size in entry["shape"])
 
 
@@ -229,10 +242,13 @@ def _geometry_samples(record: dict[str, Any], split: str) -> str:
 
 
 def _tap_ticks(axes: Axes, names: list[str]) -> None:
-    """Every tap's name, rotated; past ``MOST_TAP_LABELS`` taps only every k-th, so labels never overlap."""
+    """Every tap's name, slanted for a few taps and upright past ``UPRIGHT_TAP_LABELS`` (slanted labels
+    of a deep network touch in a third of the figure's width); past ``MOST_TAP_LABELS`` only every
+    k-th, so labels never overlap."""
     step = max(1, math.ceil(len(names) / MOST_TAP_LABELS))
     shown = range(0, len(names), step)
-    axes.set_xticks(list(shown), [names[index] for index in shown], rotation=45, ha="right",
+    rotation = 90 if len(shown) > UPRIGHT_TAP_LABELS else 45
+    axes.set_xticks(list(shown), [names[index] for index in shown], rotation=rotation, ha="right",
                     rotation_mode="anchor", fontsize=SMALL)
 
 
@@ -242,6 +258,8 @@ def _mean_map(figure: Figure, axes: Axes, mean_map: np.ndarray | None, title: st
         _no_map(axes)
         return
     image = axes.imshow(mean_map, cmap="viridis", interpolation="nearest")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("column (pixel)")
     axes.set_ylabel("row (pixel)")
     figure.colorbar(image, ax=axes, label="mean activation")
@@ -250,22 +268,24 @@ def _mean_map(figure: Figure, axes: Axes, mean_map: np.ndarray | None, title: st
 def _spectrum(figure: Figure, axes: Axes, log_power: np.ndarray | None, title: str) -> None:
     """The spectrum on axes in cycles per pixel, zero frequency at the centre (the map is fftshifted).
 
-    The colour range leaves out the zero-frequency bin: the maps had their mean removed, so that bin
-    is log10 of (nearly) nothing and would stretch the scale until the rest is one colour.
+    The zero-frequency bin is left out and drawn grey, like any non-finite bin: the maps had their
+    mean removed, so that bin is log10 of (nearly) nothing and would stretch the colour scale until
+    the rest is one colour. A small map gets a tick at every frequency it has.
     """
     axes.set_title(title, fontsize=SMALL + 1)
     if log_power is None:
         _no_map(axes)
         return
-    log_power = np.asarray(log_power, dtype=float)
-    height, width = log_power.shape
-    others = np.ones(log_power.shape, dtype=bool)
-    others[height // 2, width // 2] = False
-    finite = log_power[others & np.isfinite(log_power)]
-    limits = (finite.min(), finite.max()) if finite.size else (None, None)
-    image = axes.imshow(np.ma.masked_invalid(log_power), cmap="magma", origin="lower", interpolation="nearest",
-                        extent=(*_frequency_extent(width), *_frequency_extent(height)),
-                        vmin=limits[0], vmax=limits[1])
+    shown = np.ma.masked_invalid(np.asarray(log_power, dtype=float))
+    height, width = shown.shape
+    shown[height // 2, width // 2] = np.ma.masked
+    colours = matplotlib.colormaps["magma"].with_extremes(bad="0.6")
+    image = axes.imshow(shown, cmap=colours, origin="lower", interpolation="nearest",
+                        extent=(*_frequency_extent(width), *_frequency_extent(height)))
+    if width <= FEW_FREQUENCIES:
+        axes.set_xticks(np.fft.fftshift(np.fft.fftfreq(width)))
+    if height <= FEW_FREQUENCIES:
+        axes.set_yticks(np.fft.fftshift(np.fft.fftfreq(height)))
     axes.set_xlabel("horizontal frequency (cycles/pixel)")
     axes.set_ylabel("vertical frequency (cycles/pixel)")
     figure.colorbar(image, ax=axes, label="log10 power")

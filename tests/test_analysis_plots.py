@@ -44,7 +44,7 @@ def analysis_record(role: str = "teacher", shapes: dict[str, list[int]] = TEACHE
                 "geometry": None if not geometry else {
                     "separation": 0.1 * depth + generator.uniform(0, 0.05), "information": generator.uniform(1, 4),
                     "efficiency": generator.uniform(0, 1), "quality": generator.uniform(0, 1),
-                    "pca_id": 10 + 30 * np.sin(np.pi * depth / len(shapes)), "twonn": 8 + 20 * np.sin(depth),
+                    "pca_id": 10 + 30 * np.sin(np.pi * depth / len(shapes)), "twonn": 6 + 12 * np.sin(np.pi * depth / len(shapes)) + generator.uniform(0, 2),
                     "dimension": int(np.prod(shape)), "samples": samples},
                 "histogram": {"edges": edges, "density": density},
                 "mean_map": generator.uniform(0, 1, shape[1:]) if spatial else None,
@@ -95,10 +95,22 @@ def test_tap_comparison_draws_both_models_with_colourbars() -> None:
     assert spectrum.get_xlabel() == "horizontal frequency (cycles/pixel)"
 
 
-def test_tap_comparison_of_a_vector_tap_has_no_maps() -> None:
+def test_tap_comparison_of_a_vector_tap_is_the_histogram_alone() -> None:
     figure = tap_comparison(analysis_record(), student_record(), "pool")
-    assert len(figure.axes) == 5
-    assert sum(not axes.axison for axes in figure.axes) == 4
+    assert len(figure.axes) == 1
+    assert figure.axes[0].get_xlabel() == "activation value"
+    assert "teacher resnet32x4 256-vector" in figure.axes[0].patches[0].get_label()
+
+
+def test_tap_comparison_says_which_model_has_no_map() -> None:
+    student = student_record()
+    vector = {"shape": [8192], "mean_map": None, "log_power": None}
+    student["splits"]["train"]["taps"]["layer3.0"].update(vector)
+    figure = tap_comparison(analysis_record(), student, "layer3.0")
+    assert len(figure.axes) == 5 + 2
+    blank = [axes for axes in figure.axes if not axes.axison]
+    assert len(blank) == 2 and all("student resnet8x4 8192-vector" in axes.get_title() for axes in blank)
+    assert all(axes.texts[0].get_text().startswith("no spatial map") for axes in blank)
 
 
 def test_statistics_heatmap_annotates_raw_values_and_nan_as_na() -> None:
@@ -107,6 +119,7 @@ def test_statistics_heatmap_annotates_raw_values_and_nan_as_na() -> None:
     assert len(figure.axes) == 2
     texts = [text.get_text() for text in figure.axes[0].texts]
     assert texts == ["0.123", "n/a", "-2", "0.0001", "5", "n/a"]
+    assert [text.get_text() for text in statistics_heatmap(["kd"], ["std"], np.array([[-0.0]]), "").axes[0].texts] == ["0"]
     assert figure.axes[1].get_ylabel() == "student − teacher, scaled per column"
     scaled = figure.axes[0].images[0].get_array()
     assert scaled[0, 2] == -1.0 and scaled[1, 0] == pytest.approx(1e-4 / 0.123456)
