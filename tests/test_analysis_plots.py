@@ -44,7 +44,8 @@ def analysis_record(role: str = "teacher", shapes: dict[str, list[int]] = TEACHE
                 "geometry": None if not geometry else {
                     "separation": 0.1 * depth + generator.uniform(0, 0.05), "information": generator.uniform(1, 4),
                     "efficiency": generator.uniform(0, 1), "quality": generator.uniform(0, 1),
-                    "pca_id": 10 + 30 * np.sin(np.pi * depth / len(shapes)), "twonn": 6 + 12 * np.sin(np.pi * depth / len(shapes)) + generator.uniform(0, 2),
+                    "pca_id": 10 + 30 * np.sin(np.pi * depth / len(shapes)),
+                    "twonn": 6 + 12 * np.sin(np.pi * depth / len(shapes)) + generator.uniform(0, 2),
                     "dimension": int(np.prod(shape)), "samples": samples},
                 "histogram": {"edges": edges, "density": density},
                 "mean_map": generator.uniform(0, 1, shape[1:]) if spatial else None,
@@ -119,7 +120,8 @@ def test_statistics_heatmap_annotates_raw_values_and_nan_as_na() -> None:
     assert len(figure.axes) == 2
     texts = [text.get_text() for text in figure.axes[0].texts]
     assert texts == ["0.123", "n/a", "-2", "0.0001", "5", "n/a"]
-    assert [text.get_text() for text in statistics_heatmap(["kd"], ["std"], np.array([[-0.0]]), "").axes[0].texts] == ["0"]
+    negative_zero = statistics_heatmap(["kd"], ["std"], np.array([[-0.0]]), "negative zero")
+    assert [text.get_text() for text in negative_zero.axes[0].texts] == ["0"]
     assert figure.axes[1].get_ylabel() == "student − teacher, scaled per column"
     scaled = figure.axes[0].images[0].get_array()
     assert scaled[0, 2] == -1.0 and scaled[1, 0] == pytest.approx(1e-4 / 0.123456)
@@ -147,9 +149,18 @@ def test_save_without_teacher_or_geometry_writes_nothing(tmp_path: Path) -> None
 
 
 def test_save_without_geometry_still_writes_the_tap_files(tmp_path: Path) -> None:
-    written = save_analysis_figures(student_record(geometry=False), tmp_path, teacher=analysis_record())
-    assert LAYERS_FILE not in [path.name for path in written]
-    assert len(written) == 5
+    teacher = analysis_record(shapes={"stem": [32, 32, 32], "head": [100], "pool": [256]})
+    written = save_analysis_figures(student_record(geometry=False), tmp_path, teacher=teacher)
+    assert written == [tmp_path / "Tap-stem.png", tmp_path / "Tap-pool.png"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["Tap-pool.png", "Tap-stem.png"]
+
+
+def test_a_tap_without_geometry_is_a_gap_in_the_curves() -> None:
+    record = analysis_record()
+    record["splits"]["train"]["taps"]["layer2.0"]["geometry"] = None
+    separation = next(axes for axes in layer_curves(record).axes if axes.get_title() == "separation S")
+    heights = separation.get_lines()[0].get_ydata()
+    assert np.isnan(heights[2]) and not np.isnan(heights).any(where=np.arange(len(heights)) != 2)
 
 
 def test_tap_names_become_safe_file_names() -> None:
