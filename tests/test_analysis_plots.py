@@ -133,7 +133,8 @@ def test_statistics_heatmap_refuses_values_of_the_wrong_shape() -> None:
 
 
 def test_save_writes_layers_and_one_file_per_shared_tap(tmp_path: Path) -> None:
-    written = save_analysis_figures(student_record(), tmp_path, teacher=analysis_record())
+    student = student_record(shapes={**STUDENT_SHAPES, "embedding": [64]})
+    written = save_analysis_figures(student, tmp_path, teacher=analysis_record())
     shared = ["stem", "layer1.0", "layer2.0", "layer3.0", "pool"]
     expected = [LAYERS_FILE, *(f"Tap-{tap}.png" for tap in shared)]
     assert written == [tmp_path / name for name in expected]
