@@ -157,16 +157,18 @@ def test_the_entropy_switches_keep_the_summed_count_and_divide_by_ln5_as_worked_
     assert _geometry(features, labels, options=options).information == pytest.approx(expected, rel=1e-12)
 
 
-def test_legacy_ambient_d_takes_min_samples_and_width_where_ours_takes_the_pca_id() -> None:
-    # Four samples on the x axis: PCA ID 1, min(N, D') = min(4, 3) = 3. The classes' nearest samples
-    # are 2 apart (both classes), the class-mean norms 1.5 and 4.5: 2 * 2 / 3 before the factor.
-    features = np.array([[1.0, 0, 0], [2.0, 0, 0], [4.0, 0, 0], [5.0, 0, 0]])
+@pytest.mark.parametrize("width", [3, 6])
+def test_legacy_ambient_d_takes_min_samples_and_width_where_ours_takes_the_pca_id(width: int) -> None:
+    # Four samples on the first axis: PCA ID 1, min(N, D') = min(4, width). The classes' nearest
+    # samples are 2 apart (both classes), the class-mean norms 1.5 and 4.5: 2 * 2 / 3 before the factor.
+    features = np.zeros((4, width))
+    features[:, 0] = [1.0, 2.0, 4.0, 5.0]
     labels = np.array([0, 0, 1, 1])
     ours = _geometry(features, labels, train_size=100)
     legacy = _geometry(features, labels, train_size=100, options=GeometryOptions(legacy_ambient_d=True))
     assert ours.pca_id == 1
     assert ours.efficiency == pytest.approx(4 / 3 * (100 / math.pi), rel=1e-12)
-    assert legacy.efficiency == pytest.approx(4 / 3 * (100 / math.pi) ** (1 / 3), rel=1e-12)
+    assert legacy.efficiency == pytest.approx(4 / 3 * (100 / math.pi) ** (1 / min(4, width)), rel=1e-12)
 
 
 def test_a_zero_sample_is_orthogonal_to_everything_and_gives_no_nan() -> None:
