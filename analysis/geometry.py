@@ -119,7 +119,8 @@ class GeometryOptions:
 
 @dataclass(frozen=True)
 class LayerGeometry:
-    """One layer's geometry; ``dimension`` is D' (the flattened length), ``samples`` is N."""
+    """One layer's geometry; ``dimension`` is D' (the flattened length), ``samples`` is N. ``twonn`` is NaN
+    when too few samples have a non-duplicate nearest neighbour for scikit-dimension's fit."""
 
     separation: float
     information: float
