@@ -5,7 +5,7 @@ backends pickle a ``StageSpec`` into each job and the manifest stores the plan a
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any, Mapping
 
 
@@ -41,7 +41,8 @@ class Experiment:
 
     ``teacher`` and ``student`` are architecture names; ``*_stage`` fields are stage names. Every
     experiment has a teacher stage (vanilla ones too, so the report can show the pair's teacher),
-    but only methods that use the teacher read it.
+    but only methods that use the teacher read it. The analyze stages are None when the sweep asks
+    for no analysis (and in manifests written before they existed).
     """
 
     dataset: str
@@ -55,6 +56,8 @@ class Experiment:
     paraphraser_stage: str | None
     student_stage: str
     evaluate_stage: str
+    teacher_analyze_stage: str | None = None
+    student_analyze_stage: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,8 +71,8 @@ class Experiment:
 class Plan:
     """A sweep as a stage graph; ``stages`` is in topological order.
 
-    The order is data preparations, teachers, teacher evaluations, paraphrasers, students, student
-    evaluations, each group in the order the sweep's combinations first need them.
+    The order is data preparations, teachers, teacher evaluations, paraphrasers, teacher caches,
+    students, student evaluations, analyses, each group in the order the sweep's combinations first need them.
     """
 
     sweep_name: str
@@ -108,8 +111,10 @@ class Plan:
 
 
 def _fields_of(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
-    """The constructor arguments of dataclass ``cls`` from ``data``; extra or missing keys are errors."""
+    """The constructor arguments of dataclass ``cls`` from ``data``; extra keys, or missing ones
+    without a default, are errors."""
     names = [field.name for field in fields(cls)]
-    if set(data) != set(names):
+    required = {field.name for field in fields(cls) if field.default is MISSING and field.default_factory is MISSING}
+    if not required <= set(data) or not set(data) <= set(names):
         raise ValueError(f"{cls.__name__}: keys {sorted(data)} do not match; expected: {', '.join(names)}")
-    return {name: data[name] for name in names}
+    return {name: data[name] for name in names if name in data}

@@ -21,10 +21,14 @@ A stage's hash covers exactly what its output depends on, plus its upstream stag
 * train_student: dataset, student arch, student training settings (seed included), method name and
   all its params (every part's, for a composition such as ``crd+kd``), and the teacher / paraphraser hashes only when the method reads them, so a
   vanilla student is shared by every pair with its architecture and never retrains for a teacher;
-* evaluate: the evaluated model's hash and the reference teacher's.
+* evaluate: the evaluated model's hash and the reference teacher's;
+* analyze (``analysis.stats`` or ``analysis.geometry`` on): the analysed model's hash, the data set
+  without the student's ``subset_size`` (teacher and student are looked at on the same images) and
+  the analysis settings that change a number (``ANALYSIS_HASHED``); one per teacher and one per
+  student, so a vanilla student shared by several pairs is analysed once.
 
 Runtime settings (data_root and ``sweep_schema.RUNTIME``: device, amp, channels_last, compile,
-cudnn_benchmark) and the evaluation batch size are not hashed: they change where or how fast a
+cudnn_benchmark) and the evaluation and analysis batch sizes and memory budget are not hashed: they change where or how fast a
 stage runs, not what it computes. What the data files hold is hashed, as the
 dataset's ``fingerprint`` (``data/files.py``): the same files in another folder give the same
 stages, other files give other stages. A stage shared by several experiments keeps the settings
@@ -59,7 +63,12 @@ from pipeline.sweep_schema import RUNTIME_KEYS, SECTIONS
 
 __all__ = ["Experiment", "Plan", "StageSpec", "build_plan", "expand"]
 
-_GROUPS = ("data", "teacher", "teacher_evaluate", "paraphraser", "teacher_outputs", "student", "evaluate")
+ANALYSIS_HASHED = ("stats", "geometry", "taps", "samples", "splits", "seed", "legacy_include_diag", "legacy_summed_count",
+                   "legacy_log5", "legacy_ambient_d")
+"""The analysis settings an analyze stage's numbers depend on; batch size and memory budget only
+change how it gets them."""
+
+_GROUPS = ("data", "teacher", "teacher_evaluate", "paraphraser", "teacher_outputs", "student", "evaluate", "analyze")
 """Stage groups in the order the plan lists them; the order is topological."""
 
 
@@ -182,6 +191,14 @@ class _GraphBuilder:
             settings=evaluation, upstream={"model": student, "teacher": teacher}, runtime=evaluation_runtime, hashed={},
             data=data_stage,
         )
+        analysis = sections["analysis"]
+        analyzes: dict[str, StageSpec] = {}
+        if analysis["stats"] or analysis["geometry"]:
+            models = {"teacher": (teacher, teacher_arch, [dataset_name, teacher_arch, "teacher"], None),
+                      "student": (student, student_arch, run, values["method"])}
+            for role in analysis["models"]:
+                model, arch, readable, method = models[role]
+                analyzes[role] = self._analyze(model, arch, role, method, dataset, analysis, readable, data_stage)
         return Experiment(
             dataset=dataset_name,
             teacher=teacher_arch,
@@ -194,7 +211,20 @@ class _GraphBuilder:
             paraphraser_stage=None if paraphraser is None else paraphraser.name,
             student_stage=student.name,
             evaluate_stage=evaluate.name,
+            teacher_analyze_stage=analyzes["teacher"].name if "teacher" in analyzes else None,
+            student_analyze_stage=analyzes["student"].name if "student" in analyzes else None,
         )
+
+    def _analyze(
+        self, model: StageSpec, arch: str, role: str, method: str | None, dataset: Mapping[str, Any],
+        analysis: Mapping[str, Any], readable: list[str], data: StageSpec | None,
+    ) -> StageSpec:
+        """The stage that looks inside the model ``model`` trained (stages/analyze.py)."""
+        hashed = {"dataset": dict(dataset), "analysis": {key: analysis[key] for key in ANALYSIS_HASHED}}
+        settings = {**hashed, "arch": arch, "role": role, "student_method": method,
+                    "batch_size": analysis["batch_size"], "memory_gb": analysis["memory_gb"]}
+        return self._stage("analyze", "analyze", readable, settings=settings, upstream={"model": model},
+                           runtime=self._runtime(analysis), hashed=hashed, data=data)
 
     def _teacher_outputs(
         self, teacher: StageSpec, teacher_arch: str, dataset: Mapping[str, Any], training: Mapping[str, Any],
@@ -321,7 +351,7 @@ class _GraphBuilder:
         return self.dataset_facts[dataset_name]
 
     def _runtime(self, section: Mapping[str, Any]) -> dict[str, Any]:
-        return {"data_root": self.sweep.data_root, **{key: section[key] for key in RUNTIME_KEYS}}
+        return {"data_root": self.sweep.data_root, **{key: section[key] for key in RUNTIME_KEYS if key in section}}
 
     def _stage(
         self,

@@ -121,6 +121,21 @@ class StageFolders:
         return self.logs / "result.json"
 
     @property
+    def analysis_numbers(self) -> Path:
+        """analyze: every number of the analysis, as JSON."""
+        return self.logs / "analysis.json"
+
+    @property
+    def analysis_record(self) -> Path:
+        """analyze: the numbers and the per-tap arrays (histograms, mean maps, spectra) the figures draw."""
+        return self.logs / "analysis.pkl"
+
+    @property
+    def analysis_partial(self) -> Path:
+        """analyze: the taps analysed so far, so a requeued stage goes on from the next one."""
+        return self.weights / "analysis_partial.pkl"
+
+    @property
     def done_marker(self) -> Path:
         return self.logs / DONE_MARKER
 
@@ -223,7 +238,8 @@ class StageFolders:
         """What ``--force`` and ``invalidate`` remove: DONE first, then all a rebuild from scratch rewrites."""
         self.clear_done()
         for path in (self.checkpoint, self.final_weights, self.best_weights, self.prepared_images, self.teacher_logits,
-                     *self.teacher_top_k, *self.weights.glob("teacher_features_*.npy"), self.log, self.result):
+                     *self.teacher_top_k, *self.weights.glob("teacher_features_*.npy"), self.log, self.result, self.analysis_numbers,
+                     self.analysis_record, self.analysis_partial):
             path.unlink(missing_ok=True)
 
 

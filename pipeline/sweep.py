@@ -148,6 +148,7 @@ class _SweepChecker:
         self._check_image_sizes(axes)
         self._check_zero_epochs(axes, defaults)
         self._check_cached_methods(axes, defaults)
+        self._check_analysis(axes, defaults, data_root)
         resources = self._resources(top.get("resources"))
         self._check_student_ranks(axes, resources)
         return Sweep(name, self.file, data_root, axes, defaults, resources)
@@ -398,6 +399,27 @@ class _SweepChecker:
             for index, method in enumerate(methods or []):
                 if method not in axes["method"]:
                     raise self._error(f"{where}[{index}]", f"{method!r} is not on the method axis", axes["method"])
+
+    def _check_analysis(self, axes: Mapping[str, tuple], defaults: Mapping[str, Mapping[str, Any]], data_root: str | None) -> None:
+        """analysis.taps name taps of every analysed model, and the sample holds at least two images of
+        every class (a within-class cosine needs a pair), for every value planned."""
+        pairs = [dict(zip(("teacher", "student"), pair.split(":"))) for pair in axes["pair"]]
+        for combination in _section_combinations(axes, defaults, "analysis", ("taps", "models", "samples", "stats", "geometry")):
+            if not (combination["stats"][1] or combination["geometry"][1]):
+                continue
+            where, taps = combination["taps"]
+            if taps is not None and not taps:
+                raise self._error(where, "an empty list analyses nothing", ["tap names or generalised-layer indices",
+                                                                            "null (every generalised layer)"])
+            for role in combination["models"][1]:
+                for pair in pairs:
+                    self._tap(where, Field("list", tap=role), taps, pair[role])
+            where, samples = combination["samples"]
+            for dataset in axes["dataset"]:
+                classes = self.catalogue.dataset(dataset, data_root).num_classes
+                if classes and samples < 2 * classes:
+                    raise self._error(where, f"{samples} images give fewer than two per class of {dataset}'s {classes}",
+                                      [f"an int >= {2 * classes}"])
 
     def _check_zero_epochs(self, axes: Mapping[str, tuple], defaults: Mapping[str, Mapping[str, Any]]) -> None:
         """epochs 0 (use imported weights as they are) only for a teacher that imports weights."""

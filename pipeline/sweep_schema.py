@@ -15,8 +15,11 @@ from pipeline.fields import Field
 
 STAGE_KINDS = (
     "prepare_data", "train_teacher", "pretrain_paraphraser", "fit_pca", "teacher_outputs", "train_student", "evaluate",
+    "analyze",
 )
 CACHE_DTYPES = ("float16", "float32")
+ANALYSIS_SPLITS = ("train", "test")
+ANALYSED_MODELS = ("teacher", "student")
 TOP_LEVEL_KEYS = ("name", "data_root", "axes", "defaults", "resources")
 NAMED_AXES = ("dataset", "pair", "method", "seed")
 REQUIRED_AXES = ("dataset", "pair", "method")
@@ -42,7 +45,7 @@ RUNTIME = {
         "bool", False, help="torch.backends.cudnn.benchmark for the stage process; CUDA only, off on a CPU",
     ),
 }
-"""Runtime switches of every stage that runs a network: teacher, student (and their pre-stages) and evaluate."""
+"""Runtime switches of every stage that runs a network: teacher, student (and their pre-stages), evaluate and analyze."""
 RUNTIME_KEYS = tuple(RUNTIME)
 
 _TRAINING = {
@@ -124,6 +127,50 @@ SECTIONS: Mapping[str, Mapping[str, Field]] = MappingProxyType({
         ),
     },
     "evaluate": {"batch_size": Field("int", 256, min=1), **RUNTIME},
+    # An analyze stage (stages/analyze.py) per trained model, when stats or geometry is on.
+    "analysis": {
+        "stats": Field("bool", False, help="feature-map statistics per tap (analysis/feature_stats.py)"),
+        "geometry": Field(
+            "bool", False, help="layer geometry per tap: separation, information, efficiency, quality, intrinsic "
+                                "dimension (analysis/geometry.py)",
+        ),
+        "taps": Field(
+            "list", None, tap="model",
+            help="tap names or generalised-layer indices, of every analysed model; null: every generalised layer",
+        ),
+        "models": Field("list", list(ANALYSED_MODELS), item_type="str", choices=ANALYSED_MODELS,
+                        help="which trained models get an analyze stage"),
+        "samples": Field(
+            "int", 5000, min=1,
+            help="images per split, class-balanced (samples // classes per class) and seeded; at most the split",
+        ),
+        "splits": Field("list", list(ANALYSIS_SPLITS), item_type="str", choices=ANALYSIS_SPLITS,
+                        help="train: the un-augmented training split (validation hold-out excluded)"),
+        "seed": Field("int", 0, min=0, help="draws the sample; teacher and student of one data set see the same images"),
+        # The feature-only KD code's formulas, where ours differ (analysis/geometry.py says why).
+        "legacy_include_diag": Field(
+            "bool", False, help="separation counts i = j in the within-class mean, as the feature-only KD code does",
+        ),
+        "legacy_summed_count": Field(
+            "bool", False, help="information keeps, in every class, as many eigenvalues as the classes' 95% counts "
+                                "summed, as the code does",
+        ),
+        "legacy_log5": Field(
+            "bool", False, help="information divides the entropy by ln 5, as the code does, not by the log of the "
+                                "eigenvalues kept (which bounds it by 1)",
+        ),
+        "legacy_ambient_d": Field(
+            "bool", False, help="efficiency's (N_train / pi)^(1/d) takes d = min(samples, flattened length), as the "
+                                "code does, instead of the PCA intrinsic dimension",
+        ),
+        "batch_size": Field("int", 256, min=1),
+        "memory_gb": Field(
+            "float", 2.0, min=0.01,
+            help="features held at once: taps are analysed in groups that fit, one forward pass per group",
+        ),
+        # No compile: the forward passes are few, and each stops early from a hook.
+        **{key: field for key, field in RUNTIME.items() if key != "compile"},
+    },
 })
 """Sections of ``defaults`` besides ``methods``; the student's seed is the ``seed`` axis."""
 
