@@ -133,9 +133,10 @@ class TrainedModel:
     model: nn.Module
 
 
-def load_classifier(weights_file: Path, device: torch.device) -> TrainedModel:
+def load_classifier(weights_file: Path, device: torch.device, deployed: bool = True) -> TrainedModel:
     """A trained model from a final.pt / best.pt, in eval mode with gradients off: the network as it
-    predicts, with its method's modules on top where the method deploys them (simkd).
+    predicts, with its method's modules on top where the method deploys them (simkd), or with
+    ``deployed`` False the architecture alone, whose taps are the ones its catalogue entry names.
 
     Building the network draws its throw-away initial weights from a forked generator, so loading
     takes no draws from the caller's: a student's own modules (a method's regressors) start the
@@ -145,7 +146,7 @@ def load_classifier(weights_file: Path, device: torch.device) -> TrainedModel:
         model = build_model(saved["arch"], num_classes=saved["num_classes"], image_shape=_image_shape(saved))
         record = saved.get("method_record")
         method = None
-        if record is not None and changes_deployment(record["settings"]):
+        if deployed and record is not None and changes_deployment(record["settings"]):
             method = build_method(record["settings"], MethodContext(**record["context"]))
     model.load_state_dict(saved["model"])
     if method is not None:

@@ -1,0 +1,319 @@
+"""Stage: look inside one trained model: feature-map statistics and layer geometry at its taps.
+
+The model runs in eval mode, as it predicts, on a seeded, class-balanced sample of each asked split
+(the training split un-augmented, without the validation hold-out, and the test split): the same
+images for every model of a data set, so a teacher and its students are compared on one sample.
+Taps are read by forward hooks, as the methods read them (``models/taps.py``); with ``taps`` null,
+every generalised layer. A method that deploys extra modules (simkd) is analysed as its
+architecture alone, whose taps are the catalogue's.
+
+Memory: one tap of resnet32x4 on 5,000 CIFAR images is 1.3 GB of float32, and its generalised
+layers together about 12 GB, so the taps are analysed in groups whose features fit
+``memory_gb``, one forward pass per group, stopped once the group's last tap has run. Each group's
+results are checkpointed, so a requeued stage goes on from the next group.
+
+Outputs (``pipeline/store.py``): ``analysis.json`` (every number), ``analysis.pkl`` (the numbers and
+the arrays the figures draw: histograms, mean maps, log-power spectra; format in
+``pipeline/analysis_plots.py``) and ``Layers.png`` when geometry is on. Statistics are also
+computed at each halving of a map's size, so that ``report`` can compare a student's tap with a
+teacher's larger one after pooling to the smaller size, as the feature losses do.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from analysis.feature_stats import tap_statistics
+from analysis.geometry import GeometryOptions, flatten_for_geometry, gram_matrix, layer_geometry
+from models.taps import generalised_layers, tap_module_name
+from pipeline.analysis_plots import save_analysis_figures
+from pipeline.store import read_pickle, write_json, write_pickle
+from stages.context import StageRun
+from stages.loading import load_classifier, load_stage_data
+
+HISTOGRAM_BINS = 100
+LEGACY_SWITCHES = ("legacy_include_diag", "legacy_summed_count", "legacy_log5", "legacy_ambient_d")
+"""``GeometryOptions`` fields, set by the sweep's analysis keys of the same names."""
+SMALLEST_COMPARED_SIDE = 2
+"""Statistics are kept at each halving of a map down to this side."""
+
+
+def balanced_sample(labels: np.ndarray, samples: int, seed: int) -> tuple[np.ndarray, int]:
+    """Sorted row indices of ``per_class`` images of every class present, and ``per_class``.
+
+    ``per_class`` is ``samples // classes``, capped by the smallest class, so the sample is balanced
+    exactly; each class's rows are a seeded random choice of its own.
+    """
+    classes, counts = np.unique(labels, return_counts=True)
+    per_class = int(min(samples // len(classes), counts.min()))
+    generator = np.random.default_rng(seed)
+    rows = [generator.permutation(np.flatnonzero(labels == label))[:per_class] for label in classes]
+    return np.sort(np.concatenate(rows)), per_class
+
+
+def tap_groups(values_per_sample: Sequence[int], samples: int, budget_bytes: float) -> list[list[int]]:
+    """Consecutive taps (indices in forward order) whose float32 features of all ``samples`` fit the
+    budget together; a tap larger than the budget alone is a group of its own."""
+    groups: list[list[int]] = []
+    held = math.inf
+    for index, values in enumerate(values_per_sample):
+        size = 4.0 * values * samples
+        if held + size > budget_bytes:
+            groups.append([])
+            held = 0.0
+        groups[-1].append(index)
+        held += size
+    return groups
+
+
+class _GroupDone(Exception):
+    """Raised by the last tap of a group, so the rest of the forward pass is skipped."""
+
+
+class _TapRecorder:
+    """Forward hooks that copy the chosen modules' outputs (float32, on the CPU) into one buffer per
+    tap, made once for the whole sample (no batch list to concatenate, which would double the
+    peak), and stop the forward pass once the last chosen module has run as often as it runs per pass."""
+
+    def __init__(self, model: nn.Module, modules: Sequence[str], probe: _Probe, samples: int):
+        self.outputs = {name: torch.empty((samples, *probe.shapes[name])) for name in modules}
+        self._calls = probe.calls
+        self._seen: dict[str, int] = {}
+        self._start = 0
+        self._last = modules[-1]
+        self._view = getattr(model, "tap_view", None)
+        named = dict(model.named_modules())
+        self._handles = [named[name].register_forward_hook(self._hook(name)) for name in modules]
+
+    def _hook(self, name: str) -> Callable[[nn.Module, Any, Tensor], None]:
+        def hook(module: nn.Module, inputs: Any, output: Tensor) -> None:
+            seen = self._seen[name] = self._seen.get(name, 0) + 1
+            if seen < self._calls[name]:
+                return
+            captured = output if self._view is None else self._view(name, output)
+            self.outputs[name][self._start : self._start + len(captured)] = captured.detach()
+            if name == self._last and all(self._seen.get(other, 0) >= self._calls[other] for other in self.outputs):
+                raise _GroupDone
+
+        return hook
+
+    def run(self, model: nn.Module, images: Tensor) -> None:
+        self._seen = {}
+        try:
+            model(images)
+        except _GroupDone:
+            pass
+        self._start += len(images)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+@dataclass(frozen=True)
+class _Probe:
+    """What one forward pass shows of the tapped modules: the order of their last calls, how often
+    each runs, and the per-sample shape of each one's (viewed) output."""
+
+    order: list[str]
+    calls: dict[str, int]
+    shapes: dict[str, tuple[int, ...]]
+
+
+def probe_taps(model: nn.Module, modules: Sequence[str], images: Tensor) -> _Probe:
+    """``modules`` in the order their last call comes in one forward pass of ``images``, how often
+    each runs, and each one's per-sample output shape."""
+    named = dict(model.named_modules())
+    view = getattr(model, "tap_view", None)
+    calls: dict[str, int] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    finished: list[str] = []
+
+    def hook_for(name: str) -> Callable[[nn.Module, Any, Tensor], None]:
+        def hook(module: nn.Module, inputs: Any, output: Tensor) -> None:
+            calls[name] = calls.get(name, 0) + 1
+            shapes[name] = tuple((output if view is None else view(name, output)).shape[1:])
+            if name in finished:
+                finished.remove(name)
+            finished.append(name)
+
+        return hook
+
+    handles = [named[name].register_forward_hook(hook_for(name)) for name in modules]
+    try:
+        model(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [name for name in modules if name not in calls]
+    if missing:
+        raise RuntimeError(f"taps {missing} did not run in {type(model).__name__}.forward()")
+    return _Probe(finished, calls, shapes)
+
+
+def halving_sizes(height: int, width: int) -> list[tuple[int, int]]:
+    """(h, w) at each halving of a map's size while both sides are at least ``SMALLEST_COMPARED_SIDE``."""
+    sizes = []
+    while height // 2 >= SMALLEST_COMPARED_SIDE and width // 2 >= SMALLEST_COMPARED_SIDE:
+        height, width = height // 2, width // 2
+        sizes.append((height, width))
+    return sizes
+
+
+def histogram(features: Tensor) -> dict[str, np.ndarray]:
+    """Density of every activation value of the tap, over ``HISTOGRAM_BINS`` equal bins from its min to max."""
+    low, high = float(features.min()), float(features.max())
+    if high <= low:
+        high = low + 1.0
+    counts = torch.histc(features, bins=HISTOGRAM_BINS, min=low, max=high).double().numpy()
+    edges = np.linspace(low, high, HISTOGRAM_BINS + 1)
+    return {"edges": edges, "density": counts / (counts.sum() * (edges[1] - edges[0]))}
+
+
+def mean_log_power(features: Tensor, chunk: int = 256) -> np.ndarray:
+    """The mean over samples and channels of log10 of each mean-removed map's power spectrum,
+    zero frequency at the centre (fftshift). 1e-12 keeps a constant map's log finite."""
+    total = None
+    for start in range(0, len(features), chunk):
+        maps = features[start : start + chunk].double()
+        maps = maps - maps.mean(dim=(-2, -1), keepdim=True)
+        power = torch.log10(torch.fft.fft2(maps).abs() ** 2 + 1e-12).sum(dim=(0, 1))
+        total = power if total is None else total + power
+    count = features.shape[0] * features.shape[1]
+    return torch.fft.fftshift(total / count).numpy()
+
+
+def analyse_tap(
+    features: Tensor, labels: np.ndarray, settings: Mapping[str, Any], train_size: int, seconds: dict[str, float],
+) -> dict[str, Any]:
+    """One tap's entry of the record: shape, statistics (at its size and each halving), geometry,
+    histogram, mean map and log-power spectrum; the time each part took is added to ``seconds``."""
+    analysis = settings["analysis"]
+    maps = features.dim() == 4
+    entry: dict[str, Any] = {"shape": list(features.shape[1:]), "stats": None, "stats_at": {}, "geometry": None}
+    started = time.perf_counter()
+    if analysis["stats"]:
+        entry["stats"] = asdict(tap_statistics(features))
+        if maps:
+            entry["stats_at"] = {f"{h}x{w}": asdict(tap_statistics(features, (h, w)))
+                                 for h, w in halving_sizes(*features.shape[2:])}
+    seconds["stats"] += time.perf_counter() - started
+    started = time.perf_counter()
+    if analysis["geometry"]:
+        flat = flatten_for_geometry(features)
+        options = GeometryOptions(**{key: bool(analysis[key]) for key in LEGACY_SWITCHES})
+        geometry = layer_geometry(gram_matrix(flat), labels, train_size, int(flat.shape[1]), options, int(analysis["seed"]))
+        entry["geometry"] = geometry.as_dict()
+    seconds["geometry"] += time.perf_counter() - started
+    started = time.perf_counter()
+    entry["histogram"] = histogram(features)
+    entry["mean_map"] = features.mean(dim=(0, 1)).double().numpy() if maps else None
+    entry["log_power"] = mean_log_power(features) if maps else None
+    seconds["arrays"] += time.perf_counter() - started
+    return entry
+
+
+def _sample_images(data: Any, split: str, rows: np.ndarray, batch_size: int) -> Iterator[Tensor]:
+    """The uint8 images at ``rows`` of ``split``, unaugmented, batch by batch."""
+    if split == "train":
+        yield from data.epoch_images(torch.from_numpy(rows), batch_size, None)
+        return
+    start = 0
+    for images in data.split_images(split, batch_size):
+        chosen = rows[(rows >= start) & (rows < start + len(images))] - start
+        start += len(images)
+        if len(chosen):
+            yield images[torch.from_numpy(chosen).to(images.device)]
+
+
+def run(stage: StageRun) -> None:
+    spec, device, folders = stage.spec, stage.device, stage.folders
+    settings, analysis = spec.settings, spec.settings["analysis"]
+    data = load_stage_data(spec, stage.upstream)
+    trained = load_classifier(stage.upstream["model"].final_weights, device, deployed=False)
+    model = stage.prepare(trained.model, spec.settings["role"])
+    layers = generalised_layers(trained.model)
+    wanted = layers if analysis["taps"] is None else analysis["taps"]
+    modules = list(dict.fromkeys(tap_module_name(trained.model, tap, layers) for tap in wanted))
+    batch_size, switches = int(settings["batch_size"]), stage.switches
+    labels_of = {"train": data.train_labels, "test": data.test_labels}
+
+    def batches(split: str, rows: np.ndarray) -> Iterator[Tensor]:
+        for images in _sample_images(data, split, rows, batch_size):
+            images = data.normalise(images.to(device))
+            yield images.to(memory_format=torch.channels_last) if switches.channels_last else images
+
+    partial = read_pickle(folders.analysis_partial) if folders.analysis_partial.is_file() else {}
+    seconds = partial.setdefault("seconds", dict.fromkeys(("forward", "stats", "geometry", "arrays"), 0.0))
+    splits: dict[str, dict[str, Any]] = {}
+    order: list[str] = modules
+    for split in analysis["splits"]:
+        labels = labels_of[split].cpu().numpy()
+        rows, per_class = balanced_sample(labels, int(analysis["samples"]), int(analysis["seed"]))
+        sample_labels = labels[rows]
+        with torch.no_grad(), switches.autocast(device):
+            probe = probe_taps(model, modules, next(batches(split, rows[:2])))
+            order = probe.order
+            done = partial.setdefault("splits", {}).setdefault(split, {})
+            sizes = [math.prod(probe.shapes[name]) for name in order]
+            for group in tap_groups(sizes, len(rows), float(settings["memory_gb"]) * 1e9):
+                names = [order[index] for index in group if order[index] not in done]
+                if not names:
+                    continue
+                started = time.perf_counter()
+                recorder = _TapRecorder(model, names, probe, len(rows))
+                try:
+                    for images in batches(split, rows):
+                        recorder.run(model, images)
+                finally:
+                    recorder.remove()
+                seconds["forward"] += time.perf_counter() - started
+                for name in names:
+                    features = recorder.outputs.pop(name)
+                    done[name] = analyse_tap(features, sample_labels, settings, len(data.train_labels), seconds)
+                    del features
+                write_pickle(folders.analysis_partial, partial)
+                stage.heartbeat()
+        splits[split] = {"samples": len(rows), "per_class": per_class, "taps": {name: done[name] for name in order}}
+    record = {
+        "model_stage": stage.upstream["model"].name, "arch": trained.arch, "role": settings["role"],
+        "method": settings["student_method"], "dataset": settings["dataset"]["name"], "num_classes": data.num_classes,
+        "taps": order, "splits": splits, "seconds": {key: round(value, 2) for key, value in seconds.items()},
+    }
+    numbers = analysis_numbers(record)
+    write_json(folders.analysis_numbers, numbers)
+    write_pickle(folders.analysis_record, record)
+    figures = save_analysis_figures(record, folders.logs, split="train" if "train" in splits else next(iter(splits)))
+    log = dict(stage.record(seed=None), epochs=[], status="done", analysis=numbers)
+    stage.finish(log, [folders.analysis_numbers, folders.analysis_record, *figures], plots=False)
+    folders.analysis_partial.unlink(missing_ok=True)
+
+
+def analysis_numbers(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The record without its arrays: what analysis.json holds and ``report`` reads. NaN (a
+    statistic with no value, such as a constant tap's spatial terms) becomes null, as JSON has no NaN."""
+    numbers = {key: value for key, value in record.items() if key != "splits"}
+    numbers["splits"] = {
+        split: {"samples": part["samples"], "per_class": part["per_class"], "taps": {
+            tap: {key: entry[key] for key in ("shape", "stats", "stats_at", "geometry")}
+            for tap, entry in part["taps"].items()}}
+        for split, part in record["splits"].items()
+    }
+    return _without_nan(numbers)
+
+
+def _without_nan(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _without_nan(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_nan(item) for item in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
