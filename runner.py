@@ -282,16 +282,52 @@ def command_plot(args: argparse.Namespace) -> int:
 
 
 def command_report(args: argparse.Namespace) -> int:
+    from pipeline.analysis_report import analysis_markdown, write_analysis_figures
     from pipeline.report import aggregate, plan_rows, to_markdown, write_report
 
     root = output_root(args)
     plan = build_plan(Path(args.sweep))
     table = aggregate(plan_rows(plan, root))
     out = Path(args.out) if args.out else root / "logs" / f"report-{plan.sweep_name}"
-    written = write_report(table, out)
+    analysis = analysis_markdown(plan, root)
+    written = write_report(table, out, analysis)
+    figures = write_analysis_figures(plan, root, out)
     print(to_markdown(table))
-    print("written: " + ", ".join(str(path) for path in written))
+    if analysis:
+        print(analysis)
+    print("written: " + ", ".join(str(path) for path in written) + (f", and {len(figures)} analysis figures there" if figures else ""))
     return 0
+
+
+def command_layers_quality(args: argparse.Namespace) -> int:
+    """Each analysed teacher's taps ranked by quality Q, and its top k as a teacher_taps line."""
+    from pipeline.analysis_report import RANKED_SPLIT, GEOMETRY, GEOMETRY_HEADERS, ranked_layers, read_analysis, top_layers
+
+    root = output_root(args)
+    plan = build_plan(Path(args.sweep))
+    stages = [stage for stage in dict.fromkeys(experiment.teacher_analyze_stage for experiment in plan.experiments) if stage]
+    if not stages:
+        print(f"error: {args.sweep}: defaults.analysis: the sweep analyses no teacher; set geometry: true "
+              "(and models: [teacher, ...]) and run it", file=sys.stderr)
+        return 2
+    shown = 0
+    for stage in stages:
+        numbers = read_analysis(root, stage)
+        if numbers is None:
+            print(f"{stage}: not done yet (python runner.py status {args.sweep})")
+            continue
+        if RANKED_SPLIT not in numbers["splits"] or not ranked_layers(numbers):
+            print(f"{stage}: no layer geometry on the {RANKED_SPLIT} split (analysis.geometry and analysis.splits)")
+            continue
+        shown += 1
+        print(f"{numbers['arch']} teacher on {numbers['dataset']} ({stage}), taps by quality Q, {RANKED_SPLIT} split:")
+        print(f"{'rank':>4}  {'tap':<16}" + "".join(f"{header:>9}" for header in GEOMETRY_HEADERS))
+        for rank, (tap, geometry) in enumerate(ranked_layers(numbers), 1):
+            print(f"{rank:>4}  {tap:<16}" + "".join(f"{geometry[key]:>9.3g}" for key in GEOMETRY))
+        print(f"teacher_taps: [{', '.join(top_layers(numbers, args.top))}]")
+        print(f"(the {args.top} best feature maps, in forward order, for feature_only; it pairs them in order with "
+              "student_taps, which need as many)\n")
+    return 0 if shown else 1
 
 
 def command_layers(args: argparse.Namespace) -> int:
@@ -404,6 +440,13 @@ def parser() -> argparse.ArgumentParser:
                   "python runner.py report configs/demo.yaml")
     sub.add_argument("sweep", help="sweep YAML file")
     sub.add_argument("--out", help="folder for report.md/.csv/.png (default: logs/report-<sweep name>)")
+    with_root(sub)
+
+    sub = command("layers-quality", command_layers_quality,
+                  "rank each analysed teacher's taps by layer quality Q and print the top k as a teacher_taps line",
+                  "python runner.py layers-quality my_sweep.yaml --top 3")
+    sub.add_argument("sweep", help="sweep YAML file with analysis.geometry on")
+    sub.add_argument("--top", type=int, default=3, help="how many taps the teacher_taps line gets (default 3)")
     with_root(sub)
 
     sub = command("layers", command_layers,

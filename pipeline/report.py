@@ -245,9 +245,10 @@ def report_figure(table: list[ReportRow]) -> Figure:
     return figure
 
 
-def write_report(table: list[ReportRow], folder: Path) -> list[Path]:
+def write_report(table: list[ReportRow], folder: Path, sections: str = "") -> list[Path]:
+    """report.md (the table, then ``sections``: more Markdown, such as the analysis), .csv and .png."""
     files = {
-        folder / "report.md": to_markdown(table).encode(),
+        folder / "report.md": (to_markdown(table) + (f"\n{sections}" if sections else "")).encode(),
         folder / "report.csv": to_csv(table).encode(),
         folder / "report.png": png_bytes(report_figure(table)),
     }

@@ -1,0 +1,228 @@
+"""A sweep's analyze stages as report sections: teacher layer quality, and student − teacher statistics.
+
+Read side only: the numbers come from each DONE analyze stage's ``analysis.json``, the figures'
+arrays from its ``analysis.pkl``; nothing is recomputed and no torch is imported.
+
+Student and teacher are compared at each tap name both analysed (``layer2`` of a resnet8x4 student
+against ``layer2`` of its resnet32x4 teacher). Where the two maps differ in size, the larger one's
+statistics at the smaller size are taken (the analyze stage keeps them at each halving, pooled as
+the feature losses pool); sizes that no halving matches, or a map against an embedding, are left
+out and counted. A method's difference is the mean over its compared taps, then over its seeds.
+"""
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import store
+from pipeline.analysis_plots import save_analysis_figures, statistics_heatmap
+from pipeline.graph import Plan
+from pipeline.plots import png_bytes
+from pipeline.report import method_label
+
+STATISTICS = ("std", "cv", "skew", "excess_kurtosis", "iqr", "wavelet_high_ratio", "spectral_entropy",
+              "lowpass_residual_ratio")
+GEOMETRY = ("separation", "information", "efficiency", "quality", "pca_id", "twonn")
+GEOMETRY_HEADERS = ("S", "I", "E", "Q", "PCA ID", "TwoNN")
+RANKED_SPLIT = "train"
+
+
+def read_analysis(root: Path, stage: str | None) -> dict[str, Any] | None:
+    """A DONE analyze stage's numbers, or None (no such stage, or not done yet)."""
+    if stage is None:
+        return None
+    folders = store.StageFolders(root, stage)
+    return store.read_json(folders.analysis_numbers) if folders.is_done() else None
+
+
+def ranked_layers(numbers: Mapping[str, Any], split: str = RANKED_SPLIT) -> list[tuple[str, dict[str, Any]]]:
+    """(tap, geometry) of every tap with geometry, highest quality Q first (forward order breaks ties)."""
+    taps = numbers["splits"][split]["taps"]
+    scored = [(tap, taps[tap]["geometry"]) for tap in numbers["taps"] if (taps[tap].get("geometry") or {}).get("quality") is not None]
+    return sorted(scored, key=lambda item: -item[1]["quality"])
+
+
+def top_layers(numbers: Mapping[str, Any], top: int, split: str = RANKED_SPLIT) -> list[str]:
+    """The ``top`` feature-map taps by Q, in forward order: feature_only distils (C, H, W) maps (not
+    the pooled embedding or the logits) and pairs teacher and student taps in order."""
+    shapes = {tap: entry["shape"] for tap, entry in numbers["splits"][split]["taps"].items()}
+    maps = [tap for tap, _ in ranked_layers(numbers, split) if len(shapes[tap]) == 3]
+    best = set(maps[:top])
+    return [tap for tap in numbers["taps"] if tap in best]
+
+
+def layer_quality_markdown(numbers: Mapping[str, Any], split: str = RANKED_SPLIT) -> list[str]:
+    """One analysed model's per-tap geometry as a Markdown table, in forward order."""
+    part = numbers["splits"][split]
+    lines = [f"### {numbers['arch']} {numbers['role']} on {numbers['dataset']} ({split} split, "
+             f"{part['samples']:,} images, {part['per_class']} per class; stage {numbers['model_stage']})", "",
+             _line(["tap", "shape", *GEOMETRY_HEADERS]), _line(["---"] * (2 + len(GEOMETRY)))]
+    for tap in numbers["taps"]:
+        entry = part["taps"][tap]
+        geometry = entry.get("geometry") or {}
+        lines.append(_line([tap, "x".join(map(str, entry["shape"])), *(_cell(geometry.get(key)) for key in GEOMETRY)]))
+    return lines
+
+
+def tap_differences(student: Mapping[str, Any], teacher: Mapping[str, Any], split: str) -> tuple[dict[str, dict[str, float | None]], int]:
+    """Student − teacher statistics at each shared tap name, at the smaller map size; and how many
+    shared taps could not be compared (no statistics, or sizes no halving matches)."""
+    student_taps, teacher_taps = student["splits"][split]["taps"], teacher["splits"][split]["taps"]
+    differences, skipped = {}, 0
+    for tap in student["taps"]:
+        if tap not in teacher_taps:
+            continue
+        pair = _at_common_size(student_taps[tap], teacher_taps[tap])
+        if pair is None:
+            skipped += 1
+            continue
+        mine, theirs = pair
+        differences[tap] = {key: None if mine.get(key) is None or theirs.get(key) is None else mine[key] - theirs[key]
+                            for key in STATISTICS}
+    return differences, skipped
+
+
+def _at_common_size(student: Mapping[str, Any], teacher: Mapping[str, Any]) -> tuple[dict, dict] | None:
+    if student.get("stats") is None or teacher.get("stats") is None:
+        return None
+    if len(student["shape"]) != len(teacher["shape"]):
+        return None
+    if len(student["shape"]) != 3:
+        return student["stats"], teacher["stats"]
+    sizes = [tuple(entry["shape"][1:]) for entry in (student, teacher)]
+    smaller = min(sizes, key=lambda size: size[0] * size[1])
+    key = f"{smaller[0]}x{smaller[1]}"
+    chosen = [entry["stats"] if size == smaller else entry.get("stats_at", {}).get(key) for entry, size in zip((student, teacher), sizes)]
+    return None if None in chosen else (chosen[0], chosen[1])
+
+
+@dataclass
+class _Comparison:
+    """One (dataset, pair)'s methods, each with its per-seed mean differences."""
+
+    dataset: str
+    pair: str
+    samples: int
+    seeds: dict[str, list[dict[str, float | None]]]
+    compared: dict[str, int]
+    skipped: dict[str, int]
+
+
+def _comparisons(plan: Plan, root: Path, split: str) -> list[_Comparison]:
+    found: dict[tuple[str, str], _Comparison] = {}
+    seen = set()
+    for experiment in plan.experiments:
+        teacher = read_analysis(root, experiment.teacher_analyze_stage)
+        student = read_analysis(root, experiment.student_analyze_stage)
+        if teacher is None or student is None or split not in teacher["splits"] or split not in student["splits"]:
+            continue
+        pair = f"{experiment.teacher} → {experiment.student}"
+        method = method_label(experiment)
+        if (pair, experiment.student_analyze_stage, method) in seen:
+            continue
+        seen.add((pair, experiment.student_analyze_stage, method))
+        comparison = found.setdefault((experiment.dataset, pair), _Comparison(
+            experiment.dataset, pair, teacher["splits"][split]["samples"], {}, {}, {}))
+        differences, skipped = tap_differences(student, teacher, split)
+        comparison.seeds.setdefault(method, []).append(
+            {key: _mean([taps[key] for taps in differences.values()]) for key in STATISTICS})
+        comparison.compared[method] = len(differences)
+        comparison.skipped[method] = skipped
+    return list(found.values())
+
+
+def analysis_markdown(plan: Plan, root: Path, split: str = RANKED_SPLIT) -> str:
+    """The report's analysis sections (empty when the sweep analyses nothing, or nothing is done yet)."""
+    lines: list[str] = []
+    teachers = dict.fromkeys(experiment.teacher_analyze_stage for experiment in plan.experiments)
+    quality = [numbers for numbers in (read_analysis(root, stage) for stage in teachers)
+               if numbers is not None and split in numbers["splits"] and ranked_layers(numbers, split)]
+    if quality:
+        lines += ["## Layer quality of the teachers", "",
+                  "Latent geometry per tap (feature-only KD's scores, `analysis/geometry.py`): separation S, "
+                  "information I, efficiency E, quality Q = S + sqrt(I·E), and intrinsic dimension (PCA at 95% "
+                  "variance, TwoNN). `python runner.py layers-quality SWEEP` ranks the taps by Q.", ""]
+        for numbers in quality:
+            lines += [*layer_quality_markdown(numbers, split), ""]
+    comparisons = _comparisons(plan, root, split)
+    if comparisons:
+        lines += ["## Feature statistics, student − teacher", "",
+                  f"Per statistic (`analysis/feature_stats.py`), the student's value minus its teacher's on the {split} "
+                  "sample, at each tap name both have (maps pooled to the smaller size), averaged over those taps "
+                  "and then over seeds. *taps* counts the compared taps (and those no size matched).", ""]
+        for comparison in comparisons:
+            lines += [f"### {comparison.dataset}, {comparison.pair}", "",
+                      _line(["method", "n", "taps", *STATISTICS]), _line(["---"] * (3 + len(STATISTICS)))]
+            for method, seeds in comparison.seeds.items():
+                means = [_mean([seed[key] for seed in seeds]) for key in STATISTICS]
+                taps = f"{comparison.compared[method]}" + (f" (+{comparison.skipped[method]})" if comparison.skipped[method] else "")
+                lines.append(_line([method, str(len(seeds)), taps, *map(_cell, means)]))
+            lines.append("")
+    return "\n".join(lines)
+
+
+def write_analysis_figures(plan: Plan, root: Path, folder: Path, split: str = RANKED_SPLIT) -> list[Path]:
+    """Per (dataset, pair): ``statistics-<dataset>-<pair>.png``, the methods x statistics heatmap; per
+    (dataset, pair, method), its first analysed seed against the teacher, tap by tap, in
+    ``taps-<dataset>-<pair>-<method>/``."""
+    written = []
+    for comparison in _comparisons(plan, root, split):
+        methods = list(comparison.seeds)
+        values = np.array([[_nan(_mean([seed[key] for seed in comparison.seeds[method]])) for key in STATISTICS]
+                           for method in methods])
+        seeds = max(len(seeds) for seeds in comparison.seeds.values())
+        title = (f"{comparison.dataset}, {comparison.pair}: student − teacher, mean over matching taps and seeds "
+                 f"({split} split, {comparison.samples:,} images, up to {seeds} seed{'s' if seeds > 1 else ''})")
+        path = folder / f"statistics-{_file_part(comparison.dataset)}-{_file_part(comparison.pair)}.png"
+        store.write_atomic(path, png_bytes(statistics_heatmap(methods, list(STATISTICS), values, title)))
+        written.append(path)
+    drawn = set()
+    for experiment in plan.experiments:
+        if experiment.teacher_analyze_stage is None or experiment.student_analyze_stage is None:
+            continue
+        key = (experiment.dataset, experiment.teacher, experiment.student, method_label(experiment))
+        if key in drawn:
+            continue
+        teacher, student = (_record(root, stage) for stage in (experiment.teacher_analyze_stage, experiment.student_analyze_stage))
+        if teacher is None or student is None or split not in teacher["splits"] or split not in student["splits"]:
+            continue
+        drawn.add(key)
+        pair = f"{experiment.teacher}-{experiment.student}"
+        target = folder / f"taps-{_file_part(experiment.dataset)}-{_file_part(pair)}-{_file_part(key[3])}"
+        written += save_analysis_figures(student, target, teacher=teacher, split=split)
+    return written
+
+
+def _record(root: Path, stage: str) -> dict[str, Any] | None:
+    folders = store.StageFolders(root, stage)
+    return store.read_pickle(folders.analysis_record) if folders.is_done() else None
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    kept = [value for value in values if value is not None and not math.isnan(value)]
+    return statistics.fmean(kept) if kept else None
+
+
+def _nan(value: float | None) -> float:
+    return math.nan if value is None else value
+
+
+def _cell(value: float | int | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _line(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _file_part(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", text.replace(" → ", "-")).strip("_")
