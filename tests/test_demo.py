@@ -33,3 +33,14 @@ def test_demo_finishes_with_a_clear_teacher_and_students_far_above_chance(tmp_pa
     assert teacher >= vanilla + 2.0, (teacher, vanilla)
     for method in ("vanilla", "kd", "ft", "tucker"):
         assert float(rows[method]["top1_last_mean"]) > 8 * CHANCE, rows[method]
+    # analysis is on in the demo: one analyze stage per trained model, read back by report
+    report = (tmp_path / "logs" / "report-demo" / "report.md").read_text()
+    assert "## Layer quality of the teachers" in report and "## Feature statistics, student − teacher" in report
+    analyses = sorted((tmp_path / "logs").glob("analyze-*"))
+    assert len(analyses) == 9, analyses  # the teacher and 8 students
+    assert all((folder / "DONE").is_file() and (folder / "Layers.png").is_file() for folder in analyses)
+    quality = subprocess.run(
+        [sys.executable, str(REPO / "runner.py"), "layers-quality", str(REPO / "configs" / "demo.yaml"), "--root", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert quality.returncode == 0 and "teacher_taps: [" in quality.stdout, quality.stdout + quality.stderr
