@@ -301,8 +301,11 @@ def command_report(args: argparse.Namespace) -> int:
 
 def command_layers_quality(args: argparse.Namespace) -> int:
     """Each analysed teacher's taps ranked by quality Q, and its top k as a teacher_taps line."""
-    from pipeline.analysis_report import RANKED_SPLIT, GEOMETRY, GEOMETRY_HEADERS, ranked_layers, read_analysis, top_layers
+    from pipeline.analysis_report import GEOMETRY, GEOMETRY_HEADERS, ranked_layers, read_analysis, split_of, top_layers
 
+    if args.top < 1:
+        print(f"error: --top {args.top}: the line needs at least one tap; allowed: an int >= 1", file=sys.stderr)
+        return 2
     root = output_root(args)
     plan = build_plan(Path(args.sweep))
     stages = [stage for stage in dict.fromkeys(experiment.teacher_analyze_stage for experiment in plan.experiments) if stage]
@@ -316,14 +319,15 @@ def command_layers_quality(args: argparse.Namespace) -> int:
         if numbers is None:
             print(f"{stage}: not done yet (python runner.py status {args.sweep})")
             continue
-        if RANKED_SPLIT not in numbers["splits"] or not ranked_layers(numbers):
-            print(f"{stage}: no layer geometry on the {RANKED_SPLIT} split (analysis.geometry and analysis.splits)")
+        if not ranked_layers(numbers):
+            print(f"{stage}: no layer geometry (analysis.geometry was off)")
             continue
         shown += 1
-        print(f"{numbers['arch']} teacher on {numbers['dataset']} ({stage}), taps by quality Q, {RANKED_SPLIT} split:")
+        print(f"{numbers['arch']} teacher on {numbers['dataset']} ({stage}), taps by quality Q, {split_of(numbers)} split:")
         print(f"{'rank':>4}  {'tap':<16}" + "".join(f"{header:>9}" for header in GEOMETRY_HEADERS))
         for rank, (tap, geometry) in enumerate(ranked_layers(numbers), 1):
-            print(f"{rank:>4}  {tap:<16}" + "".join(f"{geometry[key]:>9.3g}" for key in GEOMETRY))
+            cells = ("n/a" if geometry.get(key) is None else f"{geometry[key]:.3g}" for key in GEOMETRY)
+            print(f"{rank:>4}  {tap:<16}" + "".join(f"{cell:>9}" for cell in cells))
         print(f"teacher_taps: [{', '.join(top_layers(numbers, args.top))}]")
         print(f"(the {args.top} best feature maps, in forward order, for feature_only; it pairs them in order with "
               "student_taps, which need as many)\n")

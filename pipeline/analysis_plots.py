@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -159,20 +160,23 @@ def statistics_heatmap(rows: list[str], columns: list[str], values: np.ndarray, 
 
 
 def save_analysis_figures(record: dict[str, Any], folder: Path, teacher: dict[str, Any] | None = None,
-                          split: str = "train") -> list[Path]:
-    """Write ``Layers.png`` (when the split has geometry) and, given the teacher's record, one
-    ``Tap-<tap>.png`` per tap name both records have; returns the paths written, in that order.
+                          split: str = "train", taps: Sequence[str] | None = None, layers: bool = True) -> list[Path]:
+    """Write ``Layers.png`` (when ``layers`` and the split has geometry) and, given the teacher's
+    record, one ``Tap-<tap>.png`` per tap name both records have (of ``taps``, when given);
+    returns the paths written, in that order.
 
     Each figure is rendered and dropped before the next is built, so one is alive at a time. Tap
     names are made safe for a file name (anything but letters, digits, ``.``, ``_`` and ``-``
     becomes ``_``); two taps that would share a file raise ``ValueError`` rather than overwrite.
     """
     written = []
-    if has_geometry(record, split):
+    if layers and has_geometry(record, split):
         written.append(_write(folder / LAYERS_FILE, layer_curves(record, split)))
     if teacher is not None:
         files: dict[str, str] = {}
         for tap in shared_taps(teacher, record, split):
+            if taps is not None and tap not in taps:
+                continue
             file_name = tap_file_name(tap)
             if file_name in files:
                 raise ValueError(f"{record['model_stage']}: taps '{files[file_name]}' and '{tap}' "

@@ -4,10 +4,15 @@ Read side only: the numbers come from each DONE analyze stage's ``analysis.json`
 arrays from its ``analysis.pkl``; nothing is recomputed and no torch is imported.
 
 Student and teacher are compared at each tap name both analysed (``layer2`` of a resnet8x4 student
-against ``layer2`` of its resnet32x4 teacher). Where the two maps differ in size, the larger one's
-statistics at the smaller size are taken (the analyze stage keeps them at each halving, pooled as
-the feature losses pool); sizes that no halving matches, or a map against an embedding, are left
-out and counted. A method's difference is the mean over its compared taps, then over its seeds.
+against ``layer2`` of its resnet32x4 teacher). With ``taps`` null (every generalised layer) only
+the top-level ones count: ``layer1.0`` is the first of 9 blocks in a resnet56 and of 3 in a
+resnet20, so the same name there is not the same depth; the last layer, the logits, is left out too.
+Where the two maps differ in size, the larger one's statistics at the smaller size are taken (the
+analyze stage keeps them at each halving, pooled as the feature losses pool); sizes that no halving
+matches (7 against 4), or a map against an embedding, are left out and counted. A method's
+difference is the mean over its compared taps, then over its seeds.
+
+Everything is read on the training split's sample, or the test split's where only that was analysed.
 """
 from __future__ import annotations
 
@@ -25,13 +30,14 @@ from pipeline import store
 from pipeline.analysis_plots import save_analysis_figures, statistics_heatmap
 from pipeline.graph import Plan
 from pipeline.plots import png_bytes
-from pipeline.report import method_label
+from pipeline.report import method_label, teacher_label
 
 STATISTICS = ("std", "cv", "skew", "excess_kurtosis", "iqr", "wavelet_high_ratio", "spectral_entropy",
               "lowpass_residual_ratio")
 GEOMETRY = ("separation", "information", "efficiency", "quality", "pca_id", "twonn")
 GEOMETRY_HEADERS = ("S", "I", "E", "Q", "PCA ID", "TwoNN")
 RANKED_SPLIT = "train"
+"""The split the tables read, where it was analysed (else the test split)."""
 
 
 def read_analysis(root: Path, stage: str | None) -> dict[str, Any] | None:
@@ -42,23 +48,31 @@ def read_analysis(root: Path, stage: str | None) -> dict[str, Any] | None:
     return store.read_json(folders.analysis_numbers) if folders.is_done() else None
 
 
-def ranked_layers(numbers: Mapping[str, Any], split: str = RANKED_SPLIT) -> list[tuple[str, dict[str, Any]]]:
+def split_of(*analyses: Mapping[str, Any]) -> str | None:
+    """The split the tables read for these analyses: ``RANKED_SPLIT`` where they all have it, else
+    another they all have, else None."""
+    shared = [split for split in analyses[0]["splits"] if all(split in numbers["splits"] for numbers in analyses)]
+    return RANKED_SPLIT if RANKED_SPLIT in shared else next(iter(shared), None)
+
+
+def ranked_layers(numbers: Mapping[str, Any], split: str | None = None) -> list[tuple[str, dict[str, Any]]]:
     """(tap, geometry) of every tap with geometry, highest quality Q first (forward order breaks ties)."""
-    taps = numbers["splits"][split]["taps"]
+    taps = numbers["splits"][split or split_of(numbers)]["taps"]
     scored = [(tap, taps[tap]["geometry"]) for tap in numbers["taps"] if (taps[tap].get("geometry") or {}).get("quality") is not None]
     return sorted(scored, key=lambda item: -item[1]["quality"])
 
 
-def top_layers(numbers: Mapping[str, Any], top: int, split: str = RANKED_SPLIT) -> list[str]:
+def top_layers(numbers: Mapping[str, Any], top: int, split: str | None = None) -> list[str]:
     """The ``top`` feature-map taps by Q, in forward order: feature_only distils (C, H, W) maps (not
     the pooled embedding or the logits) and pairs teacher and student taps in order."""
+    split = split or split_of(numbers)
     shapes = {tap: entry["shape"] for tap, entry in numbers["splits"][split]["taps"].items()}
     maps = [tap for tap, _ in ranked_layers(numbers, split) if len(shapes[tap]) == 3]
     best = set(maps[:top])
     return [tap for tap in numbers["taps"] if tap in best]
 
 
-def layer_quality_markdown(numbers: Mapping[str, Any], split: str = RANKED_SPLIT) -> list[str]:
+def layer_quality_markdown(numbers: Mapping[str, Any], split: str) -> list[str]:
     """One analysed model's per-tap geometry as a Markdown table, in forward order."""
     part = numbers["splits"][split]
     lines = [f"### {numbers['arch']} {numbers['role']} on {numbers['dataset']} ({split} split, "
@@ -76,9 +90,7 @@ def tap_differences(student: Mapping[str, Any], teacher: Mapping[str, Any], spli
     shared taps could not be compared (no statistics, or sizes no halving matches)."""
     student_taps, teacher_taps = student["splits"][split]["taps"], teacher["splits"][split]["taps"]
     differences, skipped = {}, 0
-    for tap in student["taps"]:
-        if tap not in teacher_taps:
-            continue
+    for tap in compared_taps(student, teacher):
         pair = _at_common_size(student_taps[tap], teacher_taps[tap])
         if pair is None:
             skipped += 1
@@ -87,6 +99,16 @@ def tap_differences(student: Mapping[str, Any], teacher: Mapping[str, Any], spli
         differences[tap] = {key: None if mine.get(key) is None or theirs.get(key) is None else mine[key] - theirs[key]
                             for key in STATISTICS}
     return differences, skipped
+
+
+def compared_taps(student: Mapping[str, Any], teacher: Mapping[str, Any]) -> list[str]:
+    """The tap names student and teacher are compared at, in the student's forward order: every
+    shared one where the sweep named them, else the shared top-level layers but the logits."""
+    shared = [tap for tap in student["taps"] if tap in teacher["taps"]]
+    if student.get("taps_asked") is not None and teacher.get("taps_asked") is not None:
+        return shared
+    logits = {student["taps"][-1], teacher["taps"][-1]}
+    return [tap for tap in shared if "." not in tap and tap not in logits]
 
 
 def _at_common_size(student: Mapping[str, Any], teacher: Mapping[str, Any]) -> tuple[dict, dict] | None:
@@ -109,57 +131,65 @@ class _Comparison:
 
     dataset: str
     pair: str
+    split: str
     samples: int
     seeds: dict[str, list[dict[str, float | None]]]
     compared: dict[str, int]
     skipped: dict[str, int]
 
 
-def _comparisons(plan: Plan, root: Path, split: str) -> list[_Comparison]:
+def _comparisons(plan: Plan, root: Path) -> list[_Comparison]:
+    """Per (dataset, teacher label, student): each method's per-seed differences, where student and
+    teacher both have statistics at some compared tap."""
     found: dict[tuple[str, str], _Comparison] = {}
     seen = set()
     for experiment in plan.experiments:
         teacher = read_analysis(root, experiment.teacher_analyze_stage)
         student = read_analysis(root, experiment.student_analyze_stage)
-        if teacher is None or student is None or split not in teacher["splits"] or split not in student["splits"]:
+        split = None if teacher is None or student is None else split_of(teacher, student)
+        if split is None:
             continue
-        pair = f"{experiment.teacher} → {experiment.student}"
+        pair = f"{teacher_label(experiment)} → {experiment.student}"
         method = method_label(experiment)
         if (pair, experiment.student_analyze_stage, method) in seen:
             continue
         seen.add((pair, experiment.student_analyze_stage, method))
-        comparison = found.setdefault((experiment.dataset, pair), _Comparison(
-            experiment.dataset, pair, teacher["splits"][split]["samples"], {}, {}, {}))
         differences, skipped = tap_differences(student, teacher, split)
+        if not differences:  # statistics off, or no tap size matched
+            continue
+        comparison = found.setdefault((experiment.dataset, pair), _Comparison(
+            experiment.dataset, pair, split, teacher["splits"][split]["samples"], {}, {}, {}))
         comparison.seeds.setdefault(method, []).append(
             {key: _mean([taps[key] for taps in differences.values()]) for key in STATISTICS})
+        # the same architectures at every seed: the counts are the method's, not a seed's
         comparison.compared[method] = len(differences)
         comparison.skipped[method] = skipped
     return list(found.values())
 
 
-def analysis_markdown(plan: Plan, root: Path, split: str = RANKED_SPLIT) -> str:
+def analysis_markdown(plan: Plan, root: Path) -> str:
     """The report's analysis sections (empty when the sweep analyses nothing, or nothing is done yet)."""
     lines: list[str] = []
     teachers = dict.fromkeys(experiment.teacher_analyze_stage for experiment in plan.experiments)
     quality = [numbers for numbers in (read_analysis(root, stage) for stage in teachers)
-               if numbers is not None and split in numbers["splits"] and ranked_layers(numbers, split)]
+               if numbers is not None and ranked_layers(numbers)]
     if quality:
         lines += ["## Layer quality of the teachers", "",
                   "Latent geometry per tap (feature-only KD's scores, `analysis/geometry.py`): separation S, "
                   "information I, efficiency E, quality Q = S + sqrt(I·E), and intrinsic dimension (PCA at 95% "
                   "variance, TwoNN). `python runner.py layers-quality SWEEP` ranks the taps by Q.", ""]
         for numbers in quality:
-            lines += [*layer_quality_markdown(numbers, split), ""]
-    comparisons = _comparisons(plan, root, split)
+            lines += [*layer_quality_markdown(numbers, split_of(numbers)), ""]
+    comparisons = _comparisons(plan, root)
     if comparisons:
         lines += ["## Feature statistics, student − teacher", "",
-                  f"Per statistic (`analysis/feature_stats.py`), the student's value minus its teacher's on the {split} "
-                  "sample, at each tap name both have (maps pooled to the smaller size), averaged over those taps "
-                  "and then over seeds. *taps* counts the compared taps (and those no size matched).", ""]
+                  "Per statistic (`analysis/feature_stats.py`), the student's value minus its teacher's on one "
+                  "sample of images, at each tap name both have (the top-level layers but the logits, when the "
+                  "sweep named no taps; maps pooled to the smaller size), averaged over those taps and then over "
+                  "seeds. *taps* counts the compared taps (and, in brackets, those no size matched).", ""]
         for comparison in comparisons:
-            lines += [f"### {comparison.dataset}, {comparison.pair}", "",
-                      _line(["method", "n", "taps", *STATISTICS]), _line(["---"] * (3 + len(STATISTICS)))]
+            lines += [f"### {comparison.dataset}, {comparison.pair} ({comparison.split} split, {comparison.samples:,} images)",
+                      "", _line(["method", "n", "taps", *STATISTICS]), _line(["---"] * (3 + len(STATISTICS)))]
             for method, seeds in comparison.seeds.items():
                 means = [_mean([seed[key] for seed in seeds]) for key in STATISTICS]
                 taps = f"{comparison.compared[method]}" + (f" (+{comparison.skipped[method]})" if comparison.skipped[method] else "")
@@ -168,18 +198,18 @@ def analysis_markdown(plan: Plan, root: Path, split: str = RANKED_SPLIT) -> str:
     return "\n".join(lines)
 
 
-def write_analysis_figures(plan: Plan, root: Path, folder: Path, split: str = RANKED_SPLIT) -> list[Path]:
+def write_analysis_figures(plan: Plan, root: Path, folder: Path) -> list[Path]:
     """Per (dataset, pair): ``statistics-<dataset>-<pair>.png``, the methods x statistics heatmap; per
-    (dataset, pair, method), its first analysed seed against the teacher, tap by tap, in
-    ``taps-<dataset>-<pair>-<method>/``."""
+    (dataset, pair, method), its first analysed seed against the teacher at each compared tap, in
+    ``taps-<dataset>-<pair>-<method>/``. The pair is the report's teacher label and student."""
     written = []
-    for comparison in _comparisons(plan, root, split):
+    for comparison in _comparisons(plan, root):
         methods = list(comparison.seeds)
         values = np.array([[_nan(_mean([seed[key] for seed in comparison.seeds[method]])) for key in STATISTICS]
                            for method in methods])
         seeds = max(len(seeds) for seeds in comparison.seeds.values())
         title = (f"{comparison.dataset}, {comparison.pair}: student − teacher, mean over matching taps and seeds "
-                 f"({split} split, {comparison.samples:,} images, up to {seeds} seed{'s' if seeds > 1 else ''})")
+                 f"({comparison.split} split, {comparison.samples:,} images, up to {seeds} seed{'s' if seeds > 1 else ''})")
         path = folder / f"statistics-{_file_part(comparison.dataset)}-{_file_part(comparison.pair)}.png"
         store.write_atomic(path, png_bytes(statistics_heatmap(methods, list(STATISTICS), values, title)))
         written.append(path)
@@ -187,16 +217,18 @@ def write_analysis_figures(plan: Plan, root: Path, folder: Path, split: str = RA
     for experiment in plan.experiments:
         if experiment.teacher_analyze_stage is None or experiment.student_analyze_stage is None:
             continue
-        key = (experiment.dataset, experiment.teacher, experiment.student, method_label(experiment))
+        pair = f"{teacher_label(experiment)}-{experiment.student}"
+        key = (experiment.dataset, pair, method_label(experiment))
         if key in drawn:
             continue
         teacher, student = (_record(root, stage) for stage in (experiment.teacher_analyze_stage, experiment.student_analyze_stage))
-        if teacher is None or student is None or split not in teacher["splits"] or split not in student["splits"]:
+        split = None if teacher is None or student is None else split_of(teacher, student)
+        if split is None:
             continue
         drawn.add(key)
-        pair = f"{experiment.teacher}-{experiment.student}"
-        target = folder / f"taps-{_file_part(experiment.dataset)}-{_file_part(pair)}-{_file_part(key[3])}"
-        written += save_analysis_figures(student, target, teacher=teacher, split=split)
+        target = folder / f"taps-{_file_part(experiment.dataset)}-{_file_part(pair)}-{_file_part(key[2])}"
+        written += save_analysis_figures(student, target, teacher=teacher, split=split,
+                                         taps=compared_taps(student, teacher), layers=False)
     return written
 
 

@@ -24,7 +24,8 @@ A stage's hash covers exactly what its output depends on, plus its upstream stag
 * evaluate: the evaluated model's hash and the reference teacher's;
 * analyze (``analysis.stats`` or ``analysis.geometry`` on): the analysed model's hash, the data set
   without the student's ``subset_size`` (teacher and student are looked at on the same images) and
-  the analysis settings that change a number (``ANALYSIS_HASHED``); one per teacher and one per
+  the analysis settings that change a number (all but ``ANALYSIS_UNHASHED``; the legacy switches
+  only with geometry on, the splits in one order); one per teacher and one per
   student, so a vanilla student shared by several pairs is analysed once.
 
 Runtime settings (data_root and ``sweep_schema.RUNTIME``: device, amp, channels_last, compile,
@@ -59,14 +60,13 @@ from pipeline.graph import Experiment, Plan, StageSpec
 from pipeline.hashing import content_hash
 from pipeline.initial_weights import hashed_init, resolve_init
 from pipeline.sweep import Sweep, SweepError, load_sweep
-from pipeline.sweep_schema import RUNTIME_KEYS, SECTIONS
+from pipeline.sweep_schema import ANALYSIS_SPLITS, RUNTIME_KEYS, SECTIONS
 
 __all__ = ["Experiment", "Plan", "StageSpec", "build_plan", "expand"]
 
-ANALYSIS_HASHED = ("stats", "geometry", "taps", "samples", "splits", "seed", "legacy_include_diag", "legacy_summed_count",
-                   "legacy_log5", "legacy_ambient_d")
-"""The analysis settings an analyze stage's numbers depend on; batch size and memory budget only
-change how it gets them."""
+ANALYSIS_UNHASHED = ("models", "batch_size", "memory_gb", *RUNTIME_KEYS)
+"""Analysis settings that change how an analyze stage gets its numbers, or which stages exist, not
+the numbers: every other analysis key is hashed, a key added later included."""
 
 _GROUPS = ("data", "teacher", "teacher_evaluate", "paraphraser", "teacher_outputs", "student", "evaluate", "analyze")
 """Stage groups in the order the plan lists them; the order is topological."""
@@ -220,9 +220,14 @@ class _GraphBuilder:
         analysis: Mapping[str, Any], readable: list[str], data: StageSpec | None,
     ) -> StageSpec:
         """The stage that looks inside the model ``model`` trained (stages/analyze.py)."""
-        hashed = {"dataset": dict(dataset), "analysis": {key: analysis[key] for key in ANALYSIS_HASHED}}
+        hashed_analysis = {key: value for key, value in analysis.items() if key not in ANALYSIS_UNHASHED}
+        hashed_analysis["splits"] = [split for split in ANALYSIS_SPLITS if split in analysis["splits"]]
+        if not analysis["geometry"]:  # the geometry's legacy switches change nothing then
+            hashed_analysis = {key: value for key, value in hashed_analysis.items() if not key.startswith("legacy_")}
+        hashed = {"dataset": dict(dataset), "analysis": hashed_analysis}
+        memory_gb = analysis["memory_gb"] or float(self.sweep.resources["analyze"]["mem_gb"]) / 2
         settings = {**hashed, "arch": arch, "role": role, "student_method": method,
-                    "batch_size": analysis["batch_size"], "memory_gb": analysis["memory_gb"]}
+                    "batch_size": analysis["batch_size"], "memory_gb": memory_gb}
         return self._stage("analyze", "analyze", readable, settings=settings, upstream={"model": model},
                            runtime=self._runtime(analysis), hashed=hashed, data=data)
 

@@ -404,9 +404,13 @@ class _SweepChecker:
         """analysis.taps name taps of every analysed model, and the sample holds at least two images of
         every class (a within-class cosine needs a pair), for every value planned."""
         pairs = [dict(zip(("teacher", "student"), pair.split(":"))) for pair in axes["pair"]]
-        for combination in _section_combinations(axes, defaults, "analysis", ("taps", "models", "samples", "stats", "geometry")):
+        keys = ("taps", "models", "samples", "stats", "geometry", "splits")
+        for combination in _section_combinations(axes, defaults, "analysis", keys):
             if not (combination["stats"][1] or combination["geometry"][1]):
                 continue
+            where, splits = combination["splits"]
+            if not splits:
+                raise self._error(where, "an empty list analyses nothing", ["train", "test", "[train, test]"])
             where, taps = combination["taps"]
             if taps is not None and not taps:
                 raise self._error(where, "an empty list analyses nothing", ["tap names or generalised-layer indices",

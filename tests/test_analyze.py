@@ -69,6 +69,13 @@ def test_the_hash_follows_what_changes_a_number_and_not_how_fast_it_is_got(tmp_p
         assert teacher_analyze({f"defaults.analysis.{key}": value}, f"moved{index}.yaml") != base, key
 
 
+def test_the_memory_budget_defaults_to_half_the_stages_memory_request(tmp_path: Path) -> None:
+    plan = analysed_plan(tmp_path, {"resources": {"analyze": {"mem_gb": 12}}})
+    assert {stage.settings["memory_gb"] for stage in analyze_stages(plan)} == {6.0}
+    plan = analysed_plan(tmp_path, {"defaults.analysis.memory_gb": 1.5}, "set.yaml")
+    assert {stage.settings["memory_gb"] for stage in analyze_stages(plan)} == {1.5}
+
+
 def test_a_few_data_student_is_analysed_on_its_teachers_sample(tmp_path: Path) -> None:
     plan = analysed_plan(tmp_path, {"defaults.data.subset_size": 200})
     student = plan.stages[plan.experiments[0].student_analyze_stage]
@@ -100,6 +107,7 @@ def test_manifests_written_before_analyze_existed_still_read() -> None:
     ({"defaults.analysis.taps": []}, "defaults.analysis.taps", "null (every generalised layer)"),
     ({"defaults.analysis.samples": 15}, "defaults.analysis.samples", "an int >= 20"),
     ({"defaults.analysis.splits": ["val"]}, "defaults.analysis.splits", "train, test"),
+    ({"defaults.analysis.splits": []}, "defaults.analysis.splits", "[train, test]"),
     ({"defaults.analysis.models": ["paraphraser"]}, "defaults.analysis.models", "teacher, student"),
     ({"defaults.analysis.geometry": "yes"}, "defaults.analysis.geometry", ""),
 ])
@@ -282,11 +290,11 @@ def test_student_minus_teacher_compares_a_larger_map_at_the_smaller_size() -> No
 
     stats = lambda value: {key: value for key in ("std", "cv", "skew", "excess_kurtosis", "iqr",  # noqa: E731
                                                    "wavelet_high_ratio", "spectral_entropy", "lowpass_residual_ratio")}
-    teacher = {"taps": ["a", "b", "c"], "splits": {"train": {"taps": {
+    teacher = {"taps": ["a", "b", "c"], "taps_asked": ["a", "b", "c"], "splits": {"train": {"taps": {
         "a": {"shape": [8, 16, 16], "stats": stats(5.0), "stats_at": {"8x8": stats(3.0)}},
         "b": {"shape": [8, 6, 6], "stats": stats(5.0), "stats_at": {"3x3": stats(3.0)}},
         "c": {"shape": [4], "stats": stats(2.0), "stats_at": {}}}}}}
-    student = {"taps": ["a", "b", "c"], "splits": {"train": {"taps": {
+    student = {"taps": ["a", "b", "c"], "taps_asked": ["a", "b", "c"], "splits": {"train": {"taps": {
         "a": {"shape": [4, 8, 8], "stats": stats(1.0), "stats_at": {}},
         "b": {"shape": [4, 4, 4], "stats": stats(1.0), "stats_at": {}},
         "c": {"shape": [4], "stats": stats(1.5), "stats_at": {}}}}}}
@@ -294,6 +302,17 @@ def test_student_minus_teacher_compares_a_larger_map_at_the_smaller_size() -> No
     assert differences["a"]["std"] == pytest.approx(1.0 - 3.0), "the teacher's 16x16 taken at the student's 8x8"
     assert differences["c"]["iqr"] == pytest.approx(-0.5)
     assert "b" not in differences and skipped == 1, "6x6 against 4x4: no halving matches"
+
+
+def test_every_layer_runs_compare_only_top_level_layers_but_the_logits() -> None:
+    """resnet56 vs resnet20: layer1.0 is the first of 9 blocks in one and of 3 in the other."""
+    from pipeline.analysis_report import compared_taps
+
+    teacher = {"taps": ["stem", "layer1.0", "layer1.1", "layer1", "pool", "fc"], "taps_asked": None}
+    student = {"taps": ["stem", "layer1.0", "layer1", "pool", "fc"], "taps_asked": None}
+    assert compared_taps(student, teacher) == ["stem", "layer1", "pool"]
+    named = {"taps": ["layer1.0", "fc"], "taps_asked": ["layer1.0", "fc"]}
+    assert compared_taps({**student, **named}, {**teacher, **named}) == ["layer1.0", "fc"], "named taps: all shared"
 
 
 def test_layers_quality_prints_a_teacher_taps_line_the_feature_only_method_accepts(analysed: SweepRun, tmp_path: Path) -> None:
