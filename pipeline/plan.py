@@ -29,7 +29,7 @@ A stage's hash covers exactly what its output depends on, plus its upstream stag
   student, so a vanilla student shared by several pairs is analysed once.
 
 Runtime settings (data_root and ``sweep_schema.RUNTIME``: device, amp, channels_last, compile,
-cudnn_benchmark) and the evaluation and analysis batch sizes and memory budget are not hashed: they change where or how fast a
+cudnn_benchmark) and the evaluation and analysis batch sizes are not hashed: they change where or how fast a
 stage runs, not what it computes. What the data files hold is hashed, as the
 dataset's ``fingerprint`` (``data/files.py``): the same files in another folder give the same
 stages, other files give other stages. A stage shared by several experiments keeps the settings
@@ -64,7 +64,7 @@ from pipeline.sweep_schema import ANALYSIS_SPLITS, RUNTIME_KEYS, SECTIONS
 
 __all__ = ["Experiment", "Plan", "StageSpec", "build_plan", "expand"]
 
-ANALYSIS_UNHASHED = ("models", "batch_size", "memory_gb", *RUNTIME_KEYS)
+ANALYSIS_UNHASHED = ("models", "batch_size", *RUNTIME_KEYS)
 """Analysis settings that change how an analyze stage gets its numbers, or which stages exist, not
 the numbers: every other analysis key is hashed, a key added later included."""
 
@@ -225,9 +225,7 @@ class _GraphBuilder:
         if not analysis["geometry"]:  # the geometry's legacy switches change nothing then
             hashed_analysis = {key: value for key, value in hashed_analysis.items() if not key.startswith("legacy_")}
         hashed = {"dataset": dict(dataset), "analysis": hashed_analysis}
-        memory_gb = analysis["memory_gb"] or float(self.sweep.resources["analyze"]["mem_gb"]) / 2
-        settings = {**hashed, "arch": arch, "role": role, "student_method": method,
-                    "batch_size": analysis["batch_size"], "memory_gb": memory_gb}
+        settings = {**hashed, "arch": arch, "role": role, "student_method": method, "batch_size": analysis["batch_size"]}
         return self._stage("analyze", "analyze", readable, settings=settings, upstream={"model": model},
                            runtime=self._runtime(analysis), hashed=hashed, data=data)
 

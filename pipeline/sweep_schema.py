@@ -164,11 +164,6 @@ SECTIONS: Mapping[str, Mapping[str, Field]] = MappingProxyType({
                                 "code does, instead of the PCA intrinsic dimension",
         ),
         "batch_size": Field("int", 256, min=1),
-        "memory_gb": Field(
-            "float", None, min=0.01,
-            help="features held at once: taps are analysed in groups that fit, one forward pass per group; "
-                 "null: half of resources.analyze.mem_gb",
-        ),
         # No amp: bfloat16 features would change the float64 statistics under the same hash. No
         # compile: the forward passes are few, and each stops early from a hook.
         **{key: field for key, field in RUNTIME.items() if key not in ("amp", "compile")},

@@ -8,9 +8,13 @@ every generalised layer. A method that deploys extra modules (simkd) is analysed
 architecture alone, whose taps are the catalogue's.
 
 Memory: one tap of resnet32x4 on 5,000 CIFAR images is 1.3 GB of float32, and its generalised
-layers together about 12 GB, so the taps are analysed in groups whose features fit
-``memory_gb``, one forward pass per group, stopped once the group's last tap has run. Each group's
-results are checkpointed, so a requeued stage goes on from the next group.
+layers together about 12 GB. So one forward pass (stopped once the last tap has run) writes each
+tap's features batch by batch to its own file in a temporary folder (``$TMPDIR``: node-local
+scratch on a cluster, not the shared results tree), and the taps are then read back and analysed
+one at a time, each file deleted once its tap is done: memory holds one tap. Re-running the
+network from the input for each tap instead would cost the 2-core CPU about three times the one
+pass. Each tap's entry is checkpointed, so a requeued stage goes on from the next tap (after one
+more forward pass, for the taps still to do).
 
 Outputs (``pipeline/store.py``): ``analysis.json`` (every number), ``analysis.pkl`` (the numbers and
 the arrays the figures draw: histograms, mean maps, log-power spectra; format in
@@ -21,9 +25,12 @@ teacher's larger one after pooling to the smaller size, as the feature losses do
 from __future__ import annotations
 
 import math
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -60,36 +67,21 @@ def balanced_sample(labels: np.ndarray, samples: int, seed: int) -> tuple[np.nda
     return np.sort(np.concatenate(rows)), per_class
 
 
-def tap_groups(values_per_sample: Sequence[int], samples: int, budget_bytes: float) -> list[list[int]]:
-    """Consecutive taps (indices in forward order) whose float32 features of all ``samples`` fit the
-    budget together; a tap larger than the budget alone is a group of its own."""
-    groups: list[list[int]] = []
-    held = math.inf
-    for index, values in enumerate(values_per_sample):
-        size = 4.0 * values * samples
-        if held + size > budget_bytes:
-            groups.append([])
-            held = 0.0
-        groups[-1].append(index)
-        held += size
-    return groups
-
-
 class _GroupDone(BaseException):
-    """Raised by the last tap of a group, so the rest of the forward pass is skipped; a
-    BaseException, so that no ``except Exception`` in a model's forward swallows it."""
+    """Raised by the last tap, so the rest of the forward pass is skipped; a BaseException, so
+    that no ``except Exception`` in a model's forward swallows it."""
 
 
 class _TapRecorder:
-    """Forward hooks that copy the chosen modules' outputs (float32, on the CPU) into one buffer per
-    tap, made once for the whole sample (no batch list to concatenate, which would double the
-    peak), and stop the forward pass once the last chosen module has run as often as it runs per pass."""
+    """Forward hooks that append the chosen modules' outputs (float32, sample after sample) to one
+    file per tap in ``folder``, and stop the forward pass once the last chosen module has run as
+    often as it runs per pass."""
 
-    def __init__(self, model: nn.Module, modules: Sequence[str], probe: _Probe, samples: int):
-        self.outputs = {name: torch.empty((samples, *probe.shapes[name])) for name in modules}
+    def __init__(self, model: nn.Module, modules: Sequence[str], probe: _Probe, folder: Path):
+        self.files = {name: folder / f"{index}.f32" for index, name in enumerate(modules)}
+        self._streams = {name: open(path, "wb") for name, path in self.files.items()}
         self._calls = probe.calls
         self._seen: dict[str, int] = {}
-        self._start = 0
         self._last = modules[-1]
         self._view = getattr(model, "tap_view", None)
         named = dict(model.named_modules())
@@ -101,8 +93,8 @@ class _TapRecorder:
             if seen < self._calls[name]:
                 return
             captured = output if self._view is None else self._view(name, output)
-            self.outputs[name][self._start : self._start + len(captured)] = captured.detach()
-            if name == self._last and all(self._seen.get(other, 0) >= self._calls[other] for other in self.outputs):
+            self._streams[name].write(captured.detach().float().cpu().contiguous().numpy().tobytes())
+            if name == self._last and all(self._seen.get(other, 0) >= self._calls[other] for other in self._streams):
                 raise _GroupDone
 
         return hook
@@ -113,11 +105,12 @@ class _TapRecorder:
             model(images)
         except _GroupDone:
             pass
-        self._start += len(images)
 
-    def remove(self) -> None:
+    def close(self) -> None:
         for handle in self._handles:
             handle.remove()
+        for stream in self._streams.values():
+            stream.close()
 
 
 @dataclass(frozen=True)
@@ -277,7 +270,7 @@ def run(stage: StageRun) -> None:
 def _analyse_split(
     stage: StageRun, data: Any, model: nn.Module, modules: list[str], split: str, partial: dict[str, Any],
 ) -> dict[str, Any]:
-    """One split's sample, taps and entries; each group's entries are checkpointed in ``partial``."""
+    """One split's sample, taps and entries; each tap's entry is checkpointed in ``partial``."""
     settings, analysis, device = stage.spec.settings, stage.spec.settings["analysis"], stage.device
     seconds = partial.setdefault("seconds", dict.fromkeys(("forward", "stats", "geometry", "arrays"), 0.0))
     labels = {"train": data.train_labels, "test": data.test_labels}[split].cpu().numpy()
@@ -295,26 +288,37 @@ def _analyse_split(
     done = partial.setdefault("splits", {}).setdefault(split, {})
     with torch.no_grad(), switches.autocast(device):
         probe = probe_taps(model, modules, next(batches(rows[:2])))
-        sizes = [math.prod(probe.shapes[name]) for name in probe.order]
-        for group in tap_groups(sizes, len(rows), float(settings["memory_gb"]) * 1e9):
-            names = [probe.order[index] for index in group if probe.order[index] not in done]
-            if not names:
-                continue
+        names = [name for name in probe.order if name not in done]
+        if not names:
+            return _split_part(rows, per_class, probe.order, done)
+        needed = 4 * len(rows) * sum(math.prod(probe.shapes[name]) for name in names)
+        with tempfile.TemporaryDirectory(prefix=f"kdbench-{stage.spec.name}-") as scratch:
+            free = shutil.disk_usage(scratch).free
+            if needed > free:
+                raise StageError(f"{stage.spec.name}: the {split} split's features take {needed / 1e9:.1f} GB of "
+                                 f"temporary files, but {scratch} has {free / 1e9:.1f} GB free; point TMPDIR at a "
+                                 "larger disk, or set analysis.taps or analysis.samples lower")
             started = time.perf_counter()
-            recorder = _TapRecorder(model, names, probe, len(rows))
+            recorder = _TapRecorder(model, names, probe, Path(scratch))
             try:
                 for images in batches(rows):
                     recorder.run(model, images)
             finally:
-                recorder.remove()
+                recorder.close()
             seconds["forward"] += time.perf_counter() - started
             for name in names:
-                done[name] = analyse_tap(recorder.outputs.pop(name), labels[rows], settings, len(data.train_labels),
-                                         seconds, device)
-            stage.heartbeat()  # a runner that lost its lease stops before it writes
-            write_pickle(stage.folders.analysis_partial, partial)
-    return {"samples": len(rows), "per_class": per_class, "order": probe.order,
-            "taps": {name: done[name] for name in probe.order}}
+                path = recorder.files[name]
+                features = torch.from_numpy(np.fromfile(path, dtype=np.float32).reshape(len(rows), *probe.shapes[name]))
+                path.unlink()
+                done[name] = analyse_tap(features, labels[rows], settings, len(data.train_labels), seconds, device)
+                del features
+                stage.heartbeat()  # a runner that lost its lease stops before it writes
+                write_pickle(stage.folders.analysis_partial, partial)
+    return _split_part(rows, per_class, probe.order, done)
+
+
+def _split_part(rows: np.ndarray, per_class: int, order: list[str], done: Mapping[str, Any]) -> dict[str, Any]:
+    return {"samples": len(rows), "per_class": per_class, "order": order, "taps": {name: done[name] for name in order}}
 
 
 def analysis_numbers(record: Mapping[str, Any]) -> dict[str, Any]:

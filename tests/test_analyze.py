@@ -60,20 +60,13 @@ def test_the_hash_follows_what_changes_a_number_and_not_how_fast_it_is_got(tmp_p
         return plan.experiments[0].teacher_analyze_stage
 
     base = teacher_analyze({}, "a.yaml")
-    for index, key in enumerate(("batch_size", "memory_gb", "device")):
-        value = {"batch_size": 17, "memory_gb": 0.5, "device": "cpu"}[key]
+    for index, key in enumerate(("batch_size", "models", "device")):
+        value = {"batch_size": 17, "models": ["teacher"], "device": "cpu"}[key]
         assert teacher_analyze({f"defaults.analysis.{key}": value}, f"same{index}.yaml") == base, key
     for index, (key, value) in enumerate({"samples": 300, "seed": 1, "taps": ["layer1"], "splits": ["test"],
                                           "legacy_include_diag": True, "legacy_summed_count": True, "legacy_log5": True,
                                           "legacy_ambient_d": True, "stats": False}.items()):
         assert teacher_analyze({f"defaults.analysis.{key}": value}, f"moved{index}.yaml") != base, key
-
-
-def test_the_memory_budget_defaults_to_half_the_stages_memory_request(tmp_path: Path) -> None:
-    plan = analysed_plan(tmp_path, {"resources": {"analyze": {"mem_gb": 12}}})
-    assert {stage.settings["memory_gb"] for stage in analyze_stages(plan)} == {6.0}
-    plan = analysed_plan(tmp_path, {"defaults.analysis.memory_gb": 1.5}, "set.yaml")
-    assert {stage.settings["memory_gb"] for stage in analyze_stages(plan)} == {1.5}
 
 
 def test_a_few_data_student_is_analysed_on_its_teachers_sample(tmp_path: Path) -> None:
@@ -138,15 +131,6 @@ def test_the_sample_is_class_balanced_seeded_sorted_and_capped_by_the_smallest_c
     again, _ = balanced_sample(labels, 30, seed=3)
     other, _ = balanced_sample(labels, 30, seed=4)
     assert np.array_equal(rows, again) and not np.array_equal(rows, other)
-
-
-def test_taps_are_grouped_in_forward_order_to_fit_the_budget() -> None:
-    from stages.analyze import tap_groups
-
-    # 100 samples x 4 bytes: values 10 -> 4 kB, 30 -> 12 kB
-    assert tap_groups([10, 10, 30, 10], 100, 15_000) == [[0, 1], [2], [3]]
-    assert tap_groups([10, 10, 30, 10], 100, 1e9) == [[0, 1, 2, 3]]
-    assert tap_groups([50, 10], 100, 1_000) == [[0], [1]], "a tap over the budget is a group of its own"
 
 
 def test_halving_sizes_go_down_to_two_pixels() -> None:
@@ -235,19 +219,21 @@ def test_a_trained_teacher_separates_classes_better_at_its_logits_than_at_its_st
     assert taps["fc"]["geometry"]["separation"] > taps["stem"]["geometry"]["separation"]
 
 
-def test_streaming_tap_by_tap_gives_the_numbers_of_one_pass(
+def test_a_stage_killed_after_some_taps_goes_on_from_them_and_leaves_no_scratch(
         analysed: SweepRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restore_torch_threads: None) -> None:
-    """A memory budget below one tap's features runs one forward pass per tap (each stopped early);
-    every number must be the one the single-pass run got, and a stage killed after some taps goes on
-    from its checkpointed taps instead of redoing them."""
+    """Killed after two taps, the stage resumes with the checkpointed taps kept (not analysed again),
+    gets every number of the uninterrupted run, and leaves no temporary feature files behind."""
+    import tempfile
+
     from stages import run_stage
     from stages import analyze as analyze_module
 
     spec = analyze_stages(analysed.plan)[0]
-    streamed = copy.deepcopy(spec)
-    streamed.settings["memory_gb"] = 1e-6
-    copy_stage(analysed.root, tmp_path, spec.upstream["model"])
-    folders = StageFolders(tmp_path, spec.name)
+    copy_stage(analysed.root, tmp_path / "out", spec.upstream["model"])
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    folders = StageFolders(tmp_path / "out", spec.name)
     calls = []
     original = analyze_module.analyse_tap
 
@@ -259,17 +245,33 @@ def test_streaming_tap_by_tap_gives_the_numbers_of_one_pass(
 
     monkeypatch.setattr(analyze_module, "analyse_tap", dying)
     with pytest.raises(KeyboardInterrupt):
-        run_stage(streamed, tmp_path)
+        run_stage(spec, tmp_path / "out")
     partial = pickle.loads(folders.analysis_partial.read_bytes())
     assert len(partial["splits"]["train"]) == 2
+    assert not list(scratch.iterdir()), "the scratch folder goes with the exception"
     calls.clear()
     monkeypatch.setattr(analyze_module, "analyse_tap", lambda *args, **kwargs: (calls.append(1), original(*args, **kwargs))[1])
-    assert run_stage(streamed, tmp_path) == "done"
+    assert run_stage(spec, tmp_path / "out") == "done"
     taps = len(json.loads(folders.analysis_numbers.read_text())["taps"])
     assert len(calls) == 2 * taps - 2, "the two checkpointed taps are not analysed again"
     ours = json.loads(folders.analysis_numbers.read_text())["splits"]
     theirs = json.loads(StageFolders(analysed.root, spec.name).analysis_numbers.read_text())["splits"]
     assert ours == theirs
+    assert not list(scratch.iterdir()) and not folders.analysis_partial.exists()
+
+
+def test_a_partial_from_other_weights_is_not_resumed(analysed: SweepRun, tmp_path: Path, restore_torch_threads: None) -> None:
+    from pipeline.store import write_pickle
+    from stages import run_stage
+
+    spec = analyze_stages(analysed.plan)[0]
+    copy_stage(analysed.root, tmp_path, spec.upstream["model"])
+    folders = StageFolders(tmp_path, spec.name)
+    stale = {"upstream": "sha256 of another DONE", "splits": {"train": {"stem": {"shape": [0], "stats": "stale"}}}}
+    write_pickle(folders.analysis_partial, stale)
+    assert run_stage(spec, tmp_path) == "done"
+    numbers = json.loads(folders.analysis_numbers.read_text())
+    assert numbers["splits"] == json.loads(StageFolders(analysed.root, spec.name).analysis_numbers.read_text())["splits"]
 
 
 def test_report_shows_layer_quality_and_student_minus_teacher_statistics(analysed: SweepRun) -> None:
