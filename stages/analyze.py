@@ -29,7 +29,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +48,8 @@ from stages.loading import load_classifier, load_stage_data
 
 HISTOGRAM_BINS = 100
 SPECTRUM_SAMPLES = 1000
-LEGACY_SWITCHES = ("legacy_include_diag", "legacy_summed_count", "legacy_log5", "legacy_ambient_d")
-"""``GeometryOptions`` fields, set by the sweep's analysis keys of the same names."""
+LEGACY_SWITCHES = tuple(field.name for field in fields(GeometryOptions))
+"""Set by the sweep's analysis keys of the same names (pipeline/sweep_schema.py)."""
 SMALLEST_COMPARED_SIDE = 2
 """Statistics are kept at each halving of a map down to this side."""
 
