@@ -2,7 +2,6 @@
 streams taps, what it writes, and how report and layers-quality read it back."""
 from __future__ import annotations
 
-import copy
 import json
 import math
 import pickle
