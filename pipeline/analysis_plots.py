@@ -166,7 +166,7 @@ def save_analysis_figures(record: dict[str, Any], folder: Path, teacher: dict[st
     returns the paths written, in that order.
 
     Each figure is rendered and dropped before the next is built, so one is alive at a time. Tap
-    names are made safe for a file name (anything but letters, digits, ``.``, ``_`` and ``-``
+    names are made safe for a file name (anything but letters, digits, ``.``, ``_``, ``+`` and ``-``
     becomes ``_``); two taps that would share a file raise ``ValueError`` rather than overwrite.
     """
     written = []
@@ -199,7 +199,12 @@ def shared_taps(teacher: dict[str, Any], student: dict[str, Any], split: str = "
 
 
 def tap_file_name(tap: str) -> str:
-    return f"Tap-{re.sub(r'[^A-Za-z0-9._-]', '_', tap)}.png"
+    return f"Tap-{safe_file_part(tap)}.png"
+
+
+def safe_file_part(text: str) -> str:
+    """``text`` with every character but letters, digits, ``.``, ``_``, ``+`` and ``-`` made ``_``."""
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", text)
 
 
 def _write(path: Path, figure: Figure) -> Path:

@@ -17,7 +17,6 @@ Everything is read on the training split's sample, or the test split's where onl
 from __future__ import annotations
 
 import math
-import re
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -27,10 +26,10 @@ from typing import Any
 import numpy as np
 
 from pipeline import store
-from pipeline.analysis_plots import save_analysis_figures, statistics_heatmap
+from pipeline.analysis_plots import safe_file_part, save_analysis_figures, statistics_heatmap
 from pipeline.graph import Plan
 from pipeline.plots import png_bytes
-from pipeline.report import method_label, teacher_label
+from pipeline.report import markdown_line, method_label, teacher_label
 
 STATISTICS = ("std", "cv", "skew", "excess_kurtosis", "iqr", "wavelet_high_ratio", "spectral_entropy",
               "lowpass_residual_ratio")
@@ -77,11 +76,11 @@ def layer_quality_markdown(numbers: Mapping[str, Any], split: str) -> list[str]:
     part = numbers["splits"][split]
     lines = [f"### {numbers['arch']} {numbers['role']} on {numbers['dataset']} ({split} split, "
              f"{part['samples']:,} images, {part['per_class']} per class; stage {numbers['model_stage']})", "",
-             _line(["tap", "shape", *GEOMETRY_HEADERS]), _line(["---"] * (2 + len(GEOMETRY)))]
+             markdown_line(["tap", "shape", *GEOMETRY_HEADERS]), markdown_line(["---"] * (2 + len(GEOMETRY)))]
     for tap in numbers["taps"]:
         entry = part["taps"][tap]
         geometry = entry.get("geometry") or {}
-        lines.append(_line([tap, "x".join(map(str, entry["shape"])), *(_cell(geometry.get(key)) for key in GEOMETRY)]))
+        lines.append(markdown_line([tap, "x".join(map(str, entry["shape"])), *(_cell(geometry.get(key)) for key in GEOMETRY)]))
     return lines
 
 
@@ -189,11 +188,11 @@ def analysis_markdown(plan: Plan, root: Path) -> str:
                   "seeds. *taps* counts the compared taps (and, in brackets, those no size matched).", ""]
         for comparison in comparisons:
             lines += [f"### {comparison.dataset}, {comparison.pair} ({comparison.split} split, {comparison.samples:,} images)",
-                      "", _line(["method", "n", "taps", *STATISTICS]), _line(["---"] * (3 + len(STATISTICS)))]
+                      "", markdown_line(["method", "n", "taps", *STATISTICS]), markdown_line(["---"] * (3 + len(STATISTICS)))]
             for method, seeds in comparison.seeds.items():
                 means = [_mean([seed[key] for seed in seeds]) for key in STATISTICS]
                 taps = f"{comparison.compared[method]}" + (f" (+{comparison.skipped[method]})" if comparison.skipped[method] else "")
-                lines.append(_line([method, str(len(seeds)), taps, *map(_cell, means)]))
+                lines.append(markdown_line([method, str(len(seeds)), taps, *map(_cell, means)]))
             lines.append("")
     return "\n".join(lines)
 
@@ -252,9 +251,5 @@ def _cell(value: float | int | None) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def _line(cells: list[str]) -> str:
-    return "| " + " | ".join(cells) + " |"
-
-
 def _file_part(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", text.replace(" → ", "-")).strip("_")
+    return safe_file_part(text.replace(" → ", "-"))

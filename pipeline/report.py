@@ -178,14 +178,14 @@ def aggregate(rows: Iterable[Mapping[str, Any]], published: Published | None = N
 def to_markdown(table: list[ReportRow], published: Published | None = None) -> str:
     """The table, then one line per source that a published cell of it comes from."""
     headers = ["dataset", "teacher → student", "method", "n", *METRICS.values(), "params", "published", "last − published"]
-    lines = ["# kdbench report", "", NOTE, "", _markdown_line(headers), _markdown_line(["---"] * len(headers))]
+    lines = ["# kdbench report", "", NOTE, "", markdown_line(headers), markdown_line(["---"] * len(headers))]
     for row in table:
         seeds = f"{row.seeds} (+{row.pending} {PENDING})" if row.pending else str(row.seeds)
         metrics = [_metric_cell(row, row.metrics[name]) for name in METRICS]
         parameters = MISSING if row.parameters is None else f"{row.parameters:,}"
         reference = MISSING if row.published is None else str(row.published)
         difference = MISSING if row.difference is None else f"{row.difference:+.2f}"
-        lines.append(_markdown_line([row.dataset, row.pair, row.method, seeds, *metrics, parameters, reference, difference]))
+        lines.append(markdown_line([row.dataset, row.pair, row.method, seeds, *metrics, parameters, reference, difference]))
     cited = list(dict.fromkeys(row.published.source for row in table if row.published is not None))
     if cited:
         sources = (published or load_published()).sources
@@ -290,7 +290,8 @@ def _metric_cell(row: ReportRow, stat: Stat | None) -> str:
     return PENDING if row.seeds == 0 else MISSING
 
 
-def _markdown_line(cells: list[str]) -> str:
+def markdown_line(cells: list[str]) -> str:
+    """One row of a Markdown table."""
     return "| " + " | ".join(cells) + " |"
 
 

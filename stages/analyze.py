@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from analysis.feature_stats import tap_statistics_at
+from analysis.feature_stats import histogram, mean_log_power, tap_statistics_at
 from analysis.geometry import GeometryOptions, flatten_for_geometry, gram_matrix, layer_geometry
 from models.taps import generalised_layers, tap_module_name
 from pipeline.analysis_plots import save_analysis_figures
@@ -46,8 +46,6 @@ from stages.context import StageRun
 from stages.files import StageError
 from stages.loading import load_classifier, load_stage_data
 
-HISTOGRAM_BINS = 100
-SPECTRUM_SAMPLES = 1000
 LEGACY_SWITCHES = tuple(field.name for field in fields(GeometryOptions))
 """Set by the sweep's analysis keys of the same names (pipeline/sweep_schema.py)."""
 SMALLEST_COMPARED_SIDE = 2
@@ -161,32 +159,6 @@ def halving_sizes(height: int, width: int) -> list[tuple[int, int]]:
         height, width = height // 2, width // 2
         sizes.append((height, width))
     return sizes
-
-
-def histogram(features: Tensor) -> dict[str, np.ndarray]:
-    """Density of every activation value of the tap, over ``HISTOGRAM_BINS`` equal bins from its min to max."""
-    low, high = float(features.min()), float(features.max())
-    if high <= low:
-        high = low + 1.0
-    counts = torch.histc(features, bins=HISTOGRAM_BINS, min=low, max=high).double().numpy()
-    edges = np.linspace(low, high, HISTOGRAM_BINS + 1)
-    return {"edges": edges, "density": counts / (counts.sum() * (edges[1] - edges[0]))}
-
-
-def mean_log_power(features: Tensor, chunk: int = 256) -> np.ndarray:
-    """The mean over samples (the first ``SPECTRUM_SAMPLES``) and channels of log10 of each
-    mean-removed map's power spectrum, zero frequency at the centre (fftshift). 1e-12 keeps a
-    constant map's log finite. A figure's array: float32, and 1,000 samples x C channels are
-    plenty of maps for a mean, at a fifth of 5,000's time."""
-    features = features[:SPECTRUM_SAMPLES]
-    total = None
-    for start in range(0, len(features), chunk):
-        maps = features[start : start + chunk]
-        maps = maps - maps.mean(dim=(-2, -1), keepdim=True)
-        power = torch.log10(torch.fft.fft2(maps).abs() ** 2 + 1e-12).sum(dim=(0, 1))
-        total = power if total is None else total + power
-    count = features.shape[0] * features.shape[1]
-    return torch.fft.fftshift(total / count).numpy()
 
 
 def analyse_tap(

@@ -141,7 +141,7 @@ def test_halving_sizes_go_down_to_two_pixels() -> None:
 
 
 def test_the_log_power_spectrum_of_one_fourier_mode_peaks_at_its_frequency() -> None:
-    from stages.analyze import mean_log_power
+    from analysis.feature_stats import mean_log_power
 
     grid = torch.arange(8, dtype=torch.float32)
     mode = torch.cos(2 * math.pi * 2 * grid / 8).expand(8, 8)  # two cycles along the width
@@ -151,7 +151,7 @@ def test_the_log_power_spectrum_of_one_fourier_mode_peaks_at_its_frequency() -> 
 
 
 def test_the_histogram_is_a_density_over_every_value() -> None:
-    from stages.analyze import histogram
+    from analysis.feature_stats import histogram
 
     values = torch.randn(4000, 3)
     result = histogram(values)

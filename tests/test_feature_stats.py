@@ -12,7 +12,7 @@ import pytest
 import scipy.stats
 import torch
 
-from analysis.feature_stats import LOWPASS_SIGMA, TapStatistics, compare, tap_statistics
+from analysis.feature_stats import LOWPASS_SIGMA, TapStatistics, tap_statistics, tap_statistics_at
 
 SPATIAL = ("wavelet_high_ratio", "spectral_entropy", "lowpass_residual_ratio")
 EULER_GAMMA = 0.5772156649015329
@@ -171,25 +171,15 @@ def test_embeddings_get_the_distribution_statistics_over_samples_and_no_spatial_
 def test_shapes_other_than_maps_or_embeddings_are_refused() -> None:
     with pytest.raises(ValueError, match=r"\(N, C, H, W\) maps or \(N, D\) embeddings"):
         tap_statistics(np.zeros((2, 3, 4)))
-    with pytest.raises(ValueError, match="both taps maps or both embeddings"):
-        compare(np.zeros((2, 3, 4, 4)), np.zeros((2, 3)))
 
 
-def test_identical_taps_compare_to_zero_and_keep_the_sigma() -> None:
-    maps = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(13))
-    difference = compare(maps, maps.clone())
-    assert dataclasses.replace(difference, lowpass_sigma=0.0) == TapStatistics(*(0.0,) * 8, lowpass_sigma=0.0)
-    assert difference.lowpass_sigma == LOWPASS_SIGMA
-
-
-def test_compare_pools_the_larger_map_by_2x2_means_and_subtracts_the_teacher() -> None:
-    rng = np.random.default_rng(14)
-    large, small = rng.normal(size=(5, 3, 16, 16)), rng.normal(1.0, 2.0, size=(5, 4, 8, 8))
+def test_statistics_at_a_smaller_size_pool_by_2x2_means_and_match_one_size_at_a_time() -> None:
+    """What the report compares a teacher's larger map at: its 2x2-mean pooled statistics, the same
+    from one call for several sizes (one float64 conversion per channel) and on two threads."""
+    large = np.random.default_rng(14).normal(size=(5, 3, 16, 16))
     pooled_by_hand = large.reshape(5, 3, 8, 2, 8, 2).mean(axis=(3, 5))
-    expected = tap_statistics(pooled_by_hand).minus(tap_statistics(small))
-    student_larger = compare(large, small)
-    teacher_larger = compare(small, large)
+    native, pooled = tap_statistics_at(large, [None, (8, 8)], workers=2)
     for name in (field.name for field in dataclasses.fields(TapStatistics)):
-        assert getattr(student_larger, name) == pytest.approx(getattr(expected, name), abs=1e-12)
-        sign = 1.0 if name == "lowpass_sigma" else -1.0
-        assert getattr(teacher_larger, name) == pytest.approx(sign * getattr(expected, name), abs=1e-12)
+        assert getattr(pooled, name) == pytest.approx(getattr(tap_statistics(pooled_by_hand), name), abs=1e-12)
+        assert getattr(native, name) == pytest.approx(getattr(tap_statistics(large), name), abs=1e-12)
+        assert getattr(pooled, name) == pytest.approx(getattr(tap_statistics(large, (8, 8)), name), abs=1e-12)
