@@ -9,6 +9,7 @@ import warnings
 
 import numpy as np
 import pytest
+import scipy.special
 import scipy.stats
 import torch
 
@@ -183,3 +184,32 @@ def test_statistics_at_a_smaller_size_pool_by_2x2_means_and_match_one_size_at_a_
         assert getattr(pooled, name) == pytest.approx(getattr(tap_statistics(pooled_by_hand), name), abs=1e-12)
         assert getattr(native, name) == pytest.approx(getattr(tap_statistics(large), name), abs=1e-12)
         assert getattr(pooled, name) == pytest.approx(getattr(tap_statistics(large, (8, 8)), name), abs=1e-12)
+
+
+def test_skew_and_kurtosis_are_scipys_biased_values_per_channel_nan_where_scipy_gives_nan() -> None:
+    """Our one-centring moments against scipy.stats itself, channel by channel, on skewed maps; and a
+    channel whose spread is under scipy's rounding threshold (but not all equal) is NaN, as in scipy."""
+    maps = np.random.default_rng(15).exponential(size=(40, 3, 5, 7)) ** 2
+    channels = maps.transpose(1, 0, 2, 3).reshape(3, -1)
+    result = tap_statistics(maps)
+    assert result.skew == pytest.approx(scipy.stats.skew(channels, axis=1, bias=True).mean(), rel=1e-12)
+    assert result.excess_kurtosis == pytest.approx(
+        scipy.stats.kurtosis(channels, axis=1, fisher=True, bias=True).mean(), rel=1e-12)
+    nearly_constant = np.full((50, 1, 2, 2), 1e8)
+    nearly_constant[0, 0, 0, 0] += 1e-8
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert math.isnan(scipy.stats.skew(nearly_constant.ravel(), bias=True))
+    assert math.isnan(tap_statistics(nearly_constant).skew)
+
+
+@pytest.mark.parametrize("height,width", [(6, 8), (5, 7), (4, 1), (1, 6)])
+def test_spectral_entropy_from_the_half_spectrum_equals_the_full_fft2_formula(height: int, width: int) -> None:
+    """The rfft2 half spectrum with conjugate bins weighted twice gives the entropy of the full
+    spectrum's power (DC bin left out) for even and odd sides."""
+    maps = np.random.default_rng(16).normal(size=(6, 2, height, width))
+    centred = maps - maps.mean(axis=(2, 3), keepdims=True)
+    power = (np.abs(np.fft.fft2(centred)) ** 2).reshape(6, 2, -1)[:, :, 1:]
+    share = power / power.sum(axis=2, keepdims=True)
+    expected = (scipy.special.entr(share).sum(axis=2) / math.log(height * width - 1)).mean()
+    assert tap_statistics(maps).spectral_entropy == pytest.approx(expected, rel=1e-12)
