@@ -91,7 +91,7 @@ class _TapRecorder:
             if seen < self._calls[name]:
                 return
             captured = output if self._view is None else self._view(name, output)
-            self._streams[name].write(captured.detach().float().cpu().contiguous().numpy().tobytes())
+            self._streams[name].write(captured.detach().float().cpu().contiguous().numpy())  # no bytes copy
             if name == self._last and all(self._seen.get(other, 0) >= self._calls[other] for other in self._streams):
                 raise _GroupDone
 
@@ -168,7 +168,7 @@ def analyse_tap(
     """One tap's entry of the record: shape, statistics (at its size and each halving), geometry,
     histogram, mean map and log-power spectrum; the time each part took is added to ``seconds``.
     The Gram matrix is multiplied on ``device`` (a GPU does resnet32x4's 5,000 x 65,536 in
-    milliseconds, two CPU cores in 20 s); the statistics run on the CPU in float64."""
+    milliseconds, two CPU cores in 9 s); the statistics run on the CPU in float64."""
     analysis = settings["analysis"]
     maps = features.dim() == 4
     entry: dict[str, Any] = {"shape": list(features.shape[1:]), "stats": None, "stats_at": {}, "geometry": None}
