@@ -96,19 +96,15 @@ def gram_matrix(flat: torch.Tensor, chunk: int = 16384) -> np.ndarray:
     of a general product, as G is symmetric. torch's CPU matmul (MKL) has no such path and, on this
     AMD machine, also runs MKL's slower kernels: 5,000 x 65,536 takes 20 s in torch, 8.7 s in numpy.
     """
-    flat = flat.float()
+    flat = flat.detach().float()
     if flat.device.type == "cpu":
-        values = flat.detach().numpy()
-        total = np.zeros((values.shape[0], values.shape[0]))
-        for start in range(0, values.shape[1], chunk):
-            part = values[:, start:start + chunk]
-            total += part @ part.T
-        return total
-    total = torch.zeros(flat.shape[0], flat.shape[0], dtype=torch.float64, device=flat.device)
+        flat, total = flat.numpy(), np.zeros((flat.shape[0], flat.shape[0]))
+    else:
+        total = torch.zeros(flat.shape[0], flat.shape[0], dtype=torch.float64, device=flat.device)
     for start in range(0, flat.shape[1], chunk):
         part = flat[:, start:start + chunk]
         total += part @ part.T
-    return total.cpu().numpy()
+    return total if isinstance(total, np.ndarray) else total.cpu().numpy()
 
 
 @dataclass(frozen=True)
