@@ -1,9 +1,10 @@
-"""Statistics of one tap's feature maps, and the arrays its figures draw (activation histogram, mean log-power spectrum).
+"""Statistics of one tap's feature maps, and the arrays its figures draw (histogram, log-power spectrum).
 
 A tap's maps F are (N, C, H, W), or (N, D) for an embedding; every statistic is computed in float64
-from whatever dtype or device they come in (the figures' histogram and spectrum in float32). The work goes one channel at a time, so the temporaries (the
-FFT, the wavelet bands, the blurred copy) stay the size of one channel, and a caller can stream the
-taps one by one instead of holding every layer's features at once.
+from whatever dtype or device they come in (the figures' histogram and spectrum in float32). The
+work goes one channel at a time, so the temporaries (the FFT, the wavelet bands, the blurred copy)
+stay the size of one channel, and a caller can stream the taps one by one instead of holding every
+layer's features at once.
 
 Distribution statistics are taken per channel over its N*H*W values (N for an embedding) and then
 averaged over channels; spread uses the biased (population) moments throughout, as ``scipy.stats``

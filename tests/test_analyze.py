@@ -140,26 +140,6 @@ def test_halving_sizes_go_down_to_two_pixels() -> None:
     assert halving_sizes(2, 2) == []
 
 
-def test_the_log_power_spectrum_of_one_fourier_mode_peaks_at_its_frequency() -> None:
-    from analysis.feature_stats import mean_log_power
-
-    grid = torch.arange(8, dtype=torch.float32)
-    mode = torch.cos(2 * math.pi * 2 * grid / 8).expand(8, 8)  # two cycles along the width
-    power = mean_log_power(mode.reshape(1, 1, 8, 8).repeat(3, 2, 1, 1))
-    peaks = {tuple(index) for index in np.argwhere(power > power.max() - 1e-6)}
-    assert peaks == {(4, 2), (4, 6)}, "fftshift puts frequency 0 at index 4; +-2 cycles at 4 +- 2"
-
-
-def test_the_histogram_is_a_density_over_every_value() -> None:
-    from analysis.feature_stats import histogram
-
-    values = torch.randn(4000, 3)
-    result = histogram(values)
-    widths = np.diff(result["edges"])
-    assert result["density"].shape == (100,) and result["edges"][0] == pytest.approx(float(values.min()))
-    assert float((result["density"] * widths).sum()) == pytest.approx(1.0)
-
-
 # --- the stage, on the tiny sweep's trained models ------------------------------------------------
 
 @pytest.fixture(scope="module")

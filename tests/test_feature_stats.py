@@ -1,6 +1,7 @@
 """analysis/feature_stats.py on maps whose statistics are known in closed form: constant maps, a
-checkerboard, single Fourier modes, seeded Gaussian noise and a smooth bump; then the student - teacher
-comparison, with its pooling checked against pooling done by hand."""
+checkerboard, single Fourier modes, seeded Gaussian noise and a smooth bump; the statistics at a
+smaller size, checked against pooling done by hand; our moments and half-spectrum entropy against
+scipy and the full FFT; and the figures' arrays (histogram, log-power spectrum)."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,7 +14,7 @@ import scipy.special
 import scipy.stats
 import torch
 
-from analysis.feature_stats import LOWPASS_SIGMA, TapStatistics, tap_statistics, tap_statistics_at
+from analysis.feature_stats import LOWPASS_SIGMA, TapStatistics, histogram, mean_log_power, tap_statistics, tap_statistics_at
 
 SPATIAL = ("wavelet_high_ratio", "spectral_entropy", "lowpass_residual_ratio")
 EULER_GAMMA = 0.5772156649015329
@@ -213,3 +214,19 @@ def test_spectral_entropy_from_the_half_spectrum_equals_the_full_fft2_formula(he
     share = power / power.sum(axis=2, keepdims=True)
     expected = (scipy.special.entr(share).sum(axis=2) / math.log(height * width - 1)).mean()
     assert tap_statistics(maps).spectral_entropy == pytest.approx(expected, rel=1e-12)
+
+
+def test_the_log_power_spectrum_of_one_fourier_mode_peaks_at_its_frequency() -> None:
+    grid = torch.arange(8, dtype=torch.float32)
+    mode = torch.cos(2 * math.pi * 2 * grid / 8).expand(8, 8)  # two cycles along the width
+    power = mean_log_power(mode.reshape(1, 1, 8, 8).repeat(3, 2, 1, 1))
+    peaks = {tuple(index) for index in np.argwhere(power > power.max() - 1e-6)}
+    assert peaks == {(4, 2), (4, 6)}, "fftshift puts frequency 0 at index 4; +-2 cycles at 4 +- 2"
+
+
+def test_the_histogram_is_a_density_over_every_value() -> None:
+    values = torch.randn(4000, 3)
+    result = histogram(values)
+    widths = np.diff(result["edges"])
+    assert result["density"].shape == (100,) and result["edges"][0] == pytest.approx(float(values.min()))
+    assert float((result["density"] * widths).sum()) == pytest.approx(1.0)
