@@ -79,8 +79,10 @@ def layer_curves(record: dict[str, Any], split: str = "train") -> Figure:
     return figure
 
 
-def tap_comparison(teacher: dict[str, Any], student: dict[str, Any], tap: str, split: str = "train") -> Figure:
-    """Teacher and student at one tap: activation histograms, mean maps and Fourier spectra.
+def tap_comparison(teacher: dict[str, Any], student: dict[str, Any], tap: str, split: str = "train",
+                   student_tap: str | None = None) -> Figure:
+    """Teacher and student at one tap (the teacher's ``tap`` against the student's ``student_tap``,
+    when that differs): activation histograms, mean maps and Fourier spectra.
 
     The histograms are overlaid in the left column (one axis, so the two distributions compare
     directly) on a log density axis: after a ReLU the spike at zero is orders of magnitude above the
@@ -91,7 +93,8 @@ def tap_comparison(teacher: dict[str, Any], student: dict[str, Any], tap: str, s
     histogram alone; where only one has, the other's map panels say so.
     """
     models = {"teacher": teacher, "student": student}
-    entries = {role: _tap(record, tap, split) for role, record in models.items()}
+    taps = {"teacher": tap, "student": tap if student_tap is None else student_tap}
+    entries = {role: _tap(record, taps[role], split) for role, record in models.items()}
     spatial = any(entry["mean_map"] is not None or entry["log_power"] is not None for entry in entries.values())
     figure = new_figure(14, 8) if spatial else new_figure(10, 6)
     if spatial:
@@ -119,7 +122,8 @@ def tap_comparison(teacher: dict[str, Any], student: dict[str, Any], tap: str, s
             _mean_map(figure, panels[f"{role} map"], entry["mean_map"], f"{title}\nmean over samples and channels")
             _spectrum(figure, panels[f"{role} spectrum"], entry["log_power"],
                       f"{title}\nmean log10 power, mean removed (grey: 0 frequency)")
-    figure.suptitle(f"tap {tap}: {_model(teacher)} vs {_model(student)} on {student['dataset']} — {split} split",
+    where = f"tap {tap}" if taps["student"] == tap else f"teacher tap {tap} vs student tap {taps['student']}"
+    figure.suptitle(f"{where}: {_model(teacher)} vs {_model(student)} on {student['dataset']} — {split} split",
                     fontsize=12)
     return figure
 
@@ -160,29 +164,28 @@ def statistics_heatmap(rows: list[str], columns: list[str], values: np.ndarray, 
 
 
 def save_analysis_figures(record: dict[str, Any], folder: Path, teacher: dict[str, Any] | None = None,
-                          split: str = "train", taps: Sequence[str] | None = None, layers: bool = True) -> list[Path]:
+                          split: str = "train", pairs: Sequence[tuple[str, str]] | None = None,
+                          layers: bool = True) -> list[Path]:
     """Write ``Layers.png`` (when ``layers`` and the split has geometry) and, given the teacher's
-    record, one ``Tap-<tap>.png`` per tap name both records have (of ``taps``, when given);
-    returns the paths written, in that order.
+    record, one ``Tap-*.png`` (``tap_file_name``) per (teacher tap, student tap) of ``pairs``, by
+    default each tap name both records have; returns the paths written, in that order.
 
     Each figure is rendered and dropped before the next is built, so one is alive at a time. Tap
     names are made safe for a file name (anything but letters, digits, ``.``, ``_``, ``+`` and ``-``
-    becomes ``_``); two taps that would share a file raise ``ValueError`` rather than overwrite.
+    becomes ``_``); two pairs that would share a file raise ``ValueError`` rather than overwrite.
     """
     written = []
     if layers and has_geometry(record, split):
         written.append(_write(folder / LAYERS_FILE, layer_curves(record, split)))
     if teacher is not None:
-        files: dict[str, str] = {}
-        for tap in shared_taps(teacher, record, split):
-            if taps is not None and tap not in taps:
-                continue
-            file_name = tap_file_name(tap)
+        files: dict[str, tuple[str, str]] = {}
+        for teacher_tap, student_tap in pairs if pairs is not None else [(tap, tap) for tap in shared_taps(teacher, record, split)]:
+            file_name = tap_file_name(teacher_tap, student_tap)
             if file_name in files:
-                raise ValueError(f"{record['model_stage']}: taps '{files[file_name]}' and '{tap}' "
+                raise ValueError(f"{record['model_stage']}: tap pairs {files[file_name]} and {(teacher_tap, student_tap)} "
                                  f"would both be written to {file_name}")
-            files[file_name] = tap
-            written.append(_write(folder / file_name, tap_comparison(teacher, record, tap, split)))
+            files[file_name] = teacher_tap, student_tap
+            written.append(_write(folder / file_name, tap_comparison(teacher, record, teacher_tap, split, student_tap)))
     return written
 
 
@@ -198,8 +201,11 @@ def shared_taps(teacher: dict[str, Any], student: dict[str, Any], split: str = "
     return [tap for tap in student["taps"] if tap in student_taps and tap in teacher_taps]
 
 
-def tap_file_name(tap: str) -> str:
-    return f"Tap-{safe_file_part(tap)}.png"
+def tap_file_name(tap: str, student_tap: str | None = None) -> str:
+    """``Tap-<tap>.png``, or ``Tap-<teacher tap>-vs-<student tap>.png`` where the two differ."""
+    if student_tap is None or student_tap == tap:
+        return f"Tap-{safe_file_part(tap)}.png"
+    return f"Tap-{safe_file_part(tap)}-vs-{safe_file_part(student_tap)}.png"
 
 
 def safe_file_part(text: str) -> str:

@@ -3,14 +3,19 @@
 Read side only: the numbers come from each DONE analyze stage's ``analysis.json``, the figures'
 arrays from its ``analysis.pkl``; nothing is recomputed and no torch is imported.
 
-Student and teacher are compared at each tap name both analysed (``layer2`` of a resnet8x4 student
-against ``layer2`` of its resnet32x4 teacher). With ``taps`` null (every generalised layer) only
-the top-level ones count: ``layer1.0`` is the first of 9 blocks in a resnet56 and of 3 in a
-resnet20, so the same name there is not the same depth; the last layer, the logits, is left out too.
-Where the two maps differ in size, the larger one's statistics at the smaller size are taken (the
-analyze stage keeps them at each halving, pooled as the feature losses pool); sizes that no halving
-matches (7 against 4), or a map against an embedding, are left out and counted. A method's
-difference is the mean over its compared taps, then over its seeds.
+Student and teacher are compared where the sweep's ``taps`` point in each model, paired in order as
+the feature methods pair ``teacher_taps`` with ``student_taps``: ``taps: [1, 2]`` compares each
+model's generalised layers 1 and 2, whatever their names (a resnet20's ``layer1.0`` against a vgg8's
+``layer1``). The analyze stage records what each asked tap resolved to (``asked_tap_modules``); a
+stage analysed before it did is compared at the tap names both have. With ``taps`` null (every
+generalised layer) the models are compared at the top-level names both have (``layer2`` of a
+resnet8x4 student against ``layer2`` of its resnet32x4 teacher): ``layer1.0`` is the first of 9
+blocks in a resnet56 and of 3 in a resnet20, so the same name there is not the same depth; the
+last layer, the logits, is left out too. Where the two maps differ in size, the larger one's
+statistics at the smaller size are taken (the analyze stage keeps them at each halving, pooled as
+the feature losses pool); sizes that no halving matches (7 against 4), or a map against an
+embedding, are left out and counted. A method's difference is the mean over its compared taps,
+then over its seeds.
 
 Everything is read on the training split's sample, or the test split's where only that was analysed.
 """
@@ -84,35 +89,45 @@ def layer_quality_markdown(numbers: Mapping[str, Any], split: str) -> list[str]:
     return lines
 
 
-def tap_differences(student: Mapping[str, Any], teacher: Mapping[str, Any], split: str) -> tuple[dict[str, dict[str, float | None]], int]:
-    """Student − teacher statistics at each shared tap name, at the smaller map size; and how many
-    shared taps could not be compared (no statistics, or sizes no halving matches)."""
+TapPair = tuple[str, str]
+"""(teacher tap, student tap): where a student is compared with its teacher."""
+
+
+def tap_differences(student: Mapping[str, Any], teacher: Mapping[str, Any], split: str) -> tuple[dict[TapPair, dict[str, float | None]], int]:
+    """Student − teacher statistics at each compared tap pair, at the smaller map size; and how many
+    pairs with statistics on both sides could not be compared (sizes no halving matches, or a map
+    against an embedding)."""
     student_taps, teacher_taps = student["splits"][split]["taps"], teacher["splits"][split]["taps"]
     differences, skipped = {}, 0
-    for tap in compared_taps(student, teacher):
-        pair = _at_common_size(student_taps[tap], teacher_taps[tap])
+    for teacher_tap, student_tap in compared_taps(student, teacher):
+        if student_taps[student_tap].get("stats") is None or teacher_taps[teacher_tap].get("stats") is None:
+            continue
+        pair = _at_common_size(student_taps[student_tap], teacher_taps[teacher_tap])
         if pair is None:
             skipped += 1
             continue
         mine, theirs = pair
-        differences[tap] = {key: None if mine.get(key) is None or theirs.get(key) is None else mine[key] - theirs[key]
-                            for key in STATISTICS}
+        differences[teacher_tap, student_tap] = {
+            key: None if mine.get(key) is None or theirs.get(key) is None else mine[key] - theirs[key] for key in STATISTICS}
     return differences, skipped
 
 
-def compared_taps(student: Mapping[str, Any], teacher: Mapping[str, Any]) -> list[str]:
-    """The tap names student and teacher are compared at, in the student's forward order: every
-    shared one where the sweep named them, else the shared top-level layers but the logits."""
-    shared = [tap for tap in student["taps"] if tap in teacher["taps"]]
-    if student.get("taps_asked") is not None and teacher.get("taps_asked") is not None:
-        return shared
+def compared_taps(student: Mapping[str, Any], teacher: Mapping[str, Any]) -> list[TapPair]:
+    """The (teacher tap, student tap) pairs student and teacher are compared at (module docstring):
+    the asked taps paired in order where both stages recorded what they resolved to, in that
+    order; else the shared names, in the student's forward order: every shared one where the sweep
+    named taps, the shared top-level layers but the logits where it did not."""
+    asked = student.get("taps_asked"), teacher.get("taps_asked")
+    if None not in asked:
+        resolved = student.get("asked_tap_modules"), teacher.get("asked_tap_modules")
+        if asked[0] == asked[1] and None not in resolved:
+            return list(dict.fromkeys(zip(resolved[1], resolved[0])))
+        return [(tap, tap) for tap in student["taps"] if tap in teacher["taps"]]
     logits = {student["taps"][-1], teacher["taps"][-1]}
-    return [tap for tap in shared if "." not in tap and tap not in logits]
+    return [(tap, tap) for tap in student["taps"] if tap in teacher["taps"] and "." not in tap and tap not in logits]
 
 
 def _at_common_size(student: Mapping[str, Any], teacher: Mapping[str, Any]) -> tuple[dict, dict] | None:
-    if student.get("stats") is None or teacher.get("stats") is None:
-        return None
     if len(student["shape"]) != len(teacher["shape"]):
         return None
     if len(student["shape"]) != 3:
@@ -139,7 +154,7 @@ class _Comparison:
 
 def _comparisons(plan: Plan, root: Path) -> list[_Comparison]:
     """Per (dataset, teacher label, student): each method's per-seed differences, where student and
-    teacher both have statistics at some compared tap."""
+    teacher both have statistics at some tap pair (a pair no size matched counts: its row says so)."""
     found: dict[tuple[str, str], _Comparison] = {}
     seen = set()
     for experiment in plan.experiments:
@@ -154,7 +169,7 @@ def _comparisons(plan: Plan, root: Path) -> list[_Comparison]:
             continue
         seen.add((pair, experiment.student_analyze_stage, method))
         differences, skipped = tap_differences(student, teacher, split)
-        if not differences:  # statistics off, or no tap size matched
+        if not differences and not skipped:  # statistics off, or no tap to compare
             continue
         comparison = found.setdefault((experiment.dataset, pair), _Comparison(
             experiment.dataset, pair, split, teacher["splits"][split]["samples"], {}, {}, {}))
@@ -183,9 +198,10 @@ def analysis_markdown(plan: Plan, root: Path) -> str:
     if comparisons:
         lines += ["## Feature statistics, student − teacher", "",
                   "Per statistic (`analysis/feature_stats.py`), the student's value minus its teacher's on one "
-                  "sample of images, at each tap name both have (the top-level layers but the logits, when the "
-                  "sweep named no taps; maps pooled to the smaller size), averaged over those taps and then over "
-                  "seeds. *taps* counts the compared taps (and, in brackets, those no size matched).", ""]
+                  "sample of images, at the taps the sweep named, paired in order as the feature methods pair "
+                  "`teacher_taps` with `student_taps` (at the top-level layer names both have but the logits, "
+                  "when it named none), the larger map pooled to the smaller size; averaged over those taps and "
+                  "then over seeds. *taps* counts the compared taps (and, after +, those no size matched).", ""]
         for comparison in comparisons:
             lines += [f"### {comparison.dataset}, {comparison.pair} ({comparison.split} split, {comparison.samples:,} images)",
                       "", markdown_line(["method", "n", "taps", *STATISTICS]), markdown_line(["---"] * (3 + len(STATISTICS)))]
@@ -227,7 +243,7 @@ def write_analysis_figures(plan: Plan, root: Path, folder: Path) -> list[Path]:
         drawn.add(key)
         target = folder / f"taps-{_file_part(experiment.dataset)}-{_file_part(pair)}-{_file_part(key[2])}"
         written += save_analysis_figures(student, target, teacher=teacher, split=split,
-                                         taps=compared_taps(student, teacher), layers=False)
+                                         pairs=compared_taps(student, teacher), layers=False)
     return written
 
 

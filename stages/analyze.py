@@ -215,7 +215,8 @@ def run(stage: StageRun) -> None:
     model = stage.prepare(trained.model, spec.settings["role"])
     layers = generalised_layers(trained.model)
     wanted = layers if analysis["taps"] is None else analysis["taps"]
-    modules = list(dict.fromkeys(tap_module_name(trained.model, tap, layers) for tap in wanted))
+    resolved = [tap_module_name(trained.model, tap, layers) for tap in wanted]
+    modules = list(dict.fromkeys(resolved))
     # A partial left by a run on other weights (the model stage rebuilt since) is not resumed.
     upstream = done_digest(stage.upstream["model"])
     partial = read_pickle(folders.analysis_partial) if folders.analysis_partial.is_file() else {}
@@ -226,7 +227,8 @@ def run(stage: StageRun) -> None:
     record = {
         "model_stage": stage.upstream["model"].name, "arch": trained.arch, "role": settings["role"],
         "method": settings["student_method"], "dataset": settings["dataset"]["name"], "num_classes": data.num_classes,
-        "taps_asked": analysis["taps"], "taps": next(iter(splits.values()))["order"],
+        "taps_asked": analysis["taps"], "asked_tap_modules": None if analysis["taps"] is None else resolved,
+        "taps": next(iter(splits.values()))["order"],
         "splits": {split: {key: value for key, value in part.items() if key != "order"} for split, part in splits.items()},
         "seconds": {key: round(value, 2) for key, value in seconds.items()},
     }

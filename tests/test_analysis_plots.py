@@ -144,6 +144,17 @@ def test_save_writes_layers_and_one_file_per_shared_tap(tmp_path: Path) -> None:
         assert image.ndim == 3 and image.shape[0] > 400 and image.shape[1] > 1000
 
 
+def test_save_draws_each_given_pair_of_differently_named_taps(tmp_path: Path) -> None:
+    """``taps: [1, 3]`` across architectures: the teacher's layer1.0 against the student's stem, and so on."""
+    pairs = [("layer1.0", "stem"), ("layer3.0", "layer3.0")]
+    written = save_analysis_figures(student_record(), tmp_path, teacher=analysis_record(), pairs=pairs, layers=False)
+    assert written == [tmp_path / "Tap-layer1.0-vs-stem.png", tmp_path / "Tap-layer3.0.png"]
+    figure = tap_comparison(analysis_record(), student_record(), "layer1.0", student_tap="stem")
+    text = titles(figure)
+    assert "teacher tap layer1.0 vs student tap stem" in text
+    assert "resnet32x4 64×32×32" in text and "resnet8x4 16×32×32" in text
+
+
 def test_save_without_teacher_or_geometry_writes_nothing(tmp_path: Path) -> None:
     assert save_analysis_figures(student_record(geometry=False), tmp_path) == []
     assert list(tmp_path.iterdir()) == []
@@ -167,3 +178,5 @@ def test_a_tap_without_geometry_is_a_gap_in_the_curves() -> None:
 def test_tap_names_become_safe_file_names() -> None:
     assert tap_file_name("layer1.0") == "Tap-layer1.0.png"
     assert tap_file_name("blocks/3:conv") == "Tap-blocks_3_conv.png"
+    assert tap_file_name("layer1", "layer1") == "Tap-layer1.png"
+    assert tap_file_name("layer1", "blocks/3") == "Tap-layer1-vs-blocks_3.png"

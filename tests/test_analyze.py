@@ -253,6 +253,25 @@ def test_a_partial_from_other_weights_is_not_resumed(analysed: SweepRun, tmp_pat
     assert numbers["splits"] == json.loads(StageFolders(analysed.root, spec.name).analysis_numbers.read_text())["splits"]
 
 
+def test_a_stage_records_what_each_asked_tap_resolved_to(analysed: SweepRun, tmp_path: Path, restore_torch_threads: None) -> None:
+    """What ``report`` pairs a teacher's asked taps with a student's by: index or name, repeats kept."""
+    from stages import run_stage
+
+    sweep = write_sweep(tmp_path / "asked.yaml", {"defaults.analysis": {"stats": True, "samples": 50, "splits": ["test"],
+                                                                        "taps": [2, "layer1", 2]}})
+    spec = next(stage for stage in analyze_stages(build_plan(sweep)) if stage.settings["role"] == "teacher")
+    copy_stage(analysed.root, tmp_path / "out", spec.upstream["model"])
+    assert run_stage(spec, tmp_path / "out") == "done"
+    numbers = json.loads(StageFolders(tmp_path / "out", spec.name).analysis_numbers.read_text())
+    from models.registry import build_model
+    from models.taps import generalised_layers
+
+    second = generalised_layers(build_model(spec.settings["arch"], 10, (1, 8, 8)))[2]
+    assert numbers["taps_asked"] == [2, "layer1", 2]
+    assert numbers["asked_tap_modules"] == [second, "layer1", second]
+    assert numbers["taps"] == [second, "layer1"], "each module analysed once, in forward order"
+
+
 def test_report_shows_layer_quality_and_student_minus_teacher_statistics(analysed: SweepRun) -> None:
     result = run_runner("report", str(analysed.sweep), "--root", str(analysed.root))
     assert result.returncode == 0, result.stderr
@@ -271,18 +290,20 @@ def test_student_minus_teacher_compares_a_larger_map_at_the_smaller_size() -> No
 
     stats = lambda value: {key: value for key in ("std", "cv", "skew", "excess_kurtosis", "iqr",  # noqa: E731
                                                    "wavelet_high_ratio", "spectral_entropy", "lowpass_residual_ratio")}
-    teacher = {"taps": ["a", "b", "c"], "taps_asked": ["a", "b", "c"], "splits": {"train": {"taps": {
+    teacher = {"taps": ["a", "b", "c", "d"], "taps_asked": ["a", "b", "c", "d"], "splits": {"train": {"taps": {
         "a": {"shape": [8, 16, 16], "stats": stats(5.0), "stats_at": {"8x8": stats(3.0)}},
         "b": {"shape": [8, 6, 6], "stats": stats(5.0), "stats_at": {"3x3": stats(3.0)}},
-        "c": {"shape": [4], "stats": stats(2.0), "stats_at": {}}}}}}
-    student = {"taps": ["a", "b", "c"], "taps_asked": ["a", "b", "c"], "splits": {"train": {"taps": {
+        "c": {"shape": [4], "stats": stats(2.0), "stats_at": {}},
+        "d": {"shape": [4], "stats": None, "stats_at": {}}}}}}
+    student = {"taps": ["a", "b", "c", "d"], "taps_asked": ["a", "b", "c", "d"], "splits": {"train": {"taps": {
         "a": {"shape": [4, 8, 8], "stats": stats(1.0), "stats_at": {}},
         "b": {"shape": [4, 4, 4], "stats": stats(1.0), "stats_at": {}},
-        "c": {"shape": [4], "stats": stats(1.5), "stats_at": {}}}}}}
+        "c": {"shape": [4], "stats": stats(1.5), "stats_at": {}},
+        "d": {"shape": [4], "stats": None, "stats_at": {}}}}}}
     differences, skipped = tap_differences(student, teacher, "train")
-    assert differences["a"]["std"] == pytest.approx(1.0 - 3.0), "the teacher's 16x16 taken at the student's 8x8"
-    assert differences["c"]["iqr"] == pytest.approx(-0.5)
-    assert "b" not in differences and skipped == 1, "6x6 against 4x4: no halving matches"
+    assert differences["a", "a"]["std"] == pytest.approx(1.0 - 3.0), "the teacher's 16x16 taken at the student's 8x8"
+    assert differences["c", "c"]["iqr"] == pytest.approx(-0.5)
+    assert ("b", "b") not in differences and skipped == 1, "6x6 against 4x4: no halving matches; d has no statistics"
 
 
 def test_every_layer_runs_compare_only_top_level_layers_but_the_logits() -> None:
@@ -291,9 +312,25 @@ def test_every_layer_runs_compare_only_top_level_layers_but_the_logits() -> None
 
     teacher = {"taps": ["stem", "layer1.0", "layer1.1", "layer1", "pool", "fc"], "taps_asked": None}
     student = {"taps": ["stem", "layer1.0", "layer1", "pool", "fc"], "taps_asked": None}
-    assert compared_taps(student, teacher) == ["stem", "layer1", "pool"]
-    named = {"taps": ["layer1.0", "fc"], "taps_asked": ["layer1.0", "fc"]}
-    assert compared_taps({**student, **named}, {**teacher, **named}) == ["layer1.0", "fc"], "named taps: all shared"
+    assert compared_taps(student, teacher) == [("stem", "stem"), ("layer1", "layer1"), ("pool", "pool")]
+    named = {"taps": ["layer1.0", "fc"], "taps_asked": ["layer1.0", "fc"], "asked_tap_modules": ["layer1.0", "fc"]}
+    assert compared_taps({**student, **named}, {**teacher, **named}) == [("layer1.0", "layer1.0"), ("fc", "fc")], \
+        "named taps: all of them"
+
+
+def test_asked_taps_pair_up_in_order_across_architectures() -> None:
+    """``taps: [1, 2, 3]`` on resnet20 -> vgg8: each model's generalised layers 1, 2 and 3, whatever their
+    names, as fitnet pairs teacher_tap with student_tap; one module asked twice is compared once."""
+    from pipeline.analysis_report import compared_taps
+
+    asked = [1, 2, 3, 2]
+    teacher = {"taps": ["layer1.0", "layer1.1", "layer1"], "taps_asked": asked,
+               "asked_tap_modules": ["layer1.0", "layer1.1", "layer1", "layer1.1"]}
+    student = {"taps": ["layer1", "layer2", "layer3"], "taps_asked": asked,
+               "asked_tap_modules": ["layer1", "layer2", "layer3", "layer2"]}
+    assert compared_taps(student, teacher) == [("layer1.0", "layer1"), ("layer1.1", "layer2"), ("layer1", "layer3")]
+    before = {key: value for key, value in student.items() if key != "asked_tap_modules"}
+    assert compared_taps(before, teacher) == [("layer1", "layer1")], "a stage from before the record kept them: shared names"
 
 
 def test_layers_quality_prints_a_teacher_taps_line_the_feature_only_method_accepts(analysed: SweepRun, tmp_path: Path) -> None:
