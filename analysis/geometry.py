@@ -68,43 +68,68 @@ TWONN_DISCARD = 0.1
 _ROWS_PER_PASS = 512
 
 
-def flatten_for_geometry(features: torch.Tensor) -> torch.Tensor:
+def flatten_for_geometry(features: torch.Tensor, kernel: int | None = None) -> torch.Tensor:
     """(N, ...) -> (N, D') float32, on the features' device.
 
     A (N, C, H, W) map with more than ``MAX_FLAT_VALUES`` values per sample is first max-pooled with
     kernel = stride = k = ceil(sqrt(C H W / MAX_FLAT_VALUES)), as the released code does: the pooled map
     has C floor(H/k) floor(W/k) <= C H W / k^2 <= MAX_FLAT_VALUES values, and a ragged last row or column
     is dropped. Other shapes (tokens, embeddings) are only flattened, however long: the code has no rule
-    for them, and a longer row only costs Gram time.
+    for them, and a longer row only costs Gram time. ``kernel`` is the whole tap's
+    (``geometry_pool_kernel``), where ``features`` are some of its channels.
     """
-    values = math.prod(features.shape[1:])
-    if features.ndim == 4 and values > MAX_FLAT_VALUES:
-        kernel = math.ceil(math.sqrt(values / MAX_FLAT_VALUES))
+    kernel = geometry_pool_kernel(tuple(features.shape[1:])) if kernel is None else kernel
+    if kernel > 1:
         features = F.max_pool2d(features, kernel)
     return features.reshape(features.shape[0], -1).float()
 
 
-def gram_matrix(flat: torch.Tensor, chunk: int = 16384) -> np.ndarray:
-    """(N, D') -> (N, N) float64 Gram matrix flat @ flat.T.
+def geometry_pool_kernel(shape: tuple[int, ...]) -> int:
+    """``flatten_for_geometry``'s max-pooling kernel for a tap whose samples have ``shape``; 1: none."""
+    values = math.prod(shape)
+    if len(shape) == 3 and values > MAX_FLAT_VALUES:
+        return math.ceil(math.sqrt(values / MAX_FLAT_VALUES))
+    return 1
 
-    The feature axis is cut into ``chunk``-wide slices; each slice's product is a float32 matmul on
-    flat's device and is added into a float64 total there, so the rounding of one float32 sum over all D'
-    values (D' is up to 262,144) never enters. 16,384-wide slices keep each float32 sum's relative
-    rounding near 1e-5 and run 1.5x faster than 1,024-wide ones on 2 CPU cores.
 
-    On the CPU the slices are multiplied by numpy, whose ``a @ a.T`` calls BLAS's syrk: half the flops
+class GramAccumulator:
+    """The (N, N) float64 Gram matrix of (N, D') features handed over a slice of the feature axis at a
+    time: G = sum over slices of slice @ slice.T, so a tap streamed channel by channel never needs its
+    whole flattened features at once.
+
+    Each slice is cut into ``chunk``-wide parts; each part's product is a float32 matmul on the
+    slices' device and is added into a float64 total there, so the rounding of one float32 sum over
+    all D' values (D' is up to 262,144) never enters. 16,384-wide parts keep each float32 sum's
+    relative rounding near 1e-5 and run 1.5x faster than 1,024-wide ones on 2 CPU cores.
+
+    On the CPU the parts are multiplied by numpy, whose ``a @ a.T`` calls BLAS's syrk: half the flops
     of a general product, as G is symmetric. torch's CPU matmul (MKL) has no such path and, on this
     AMD machine, also runs MKL's slower kernels: 5,000 x 65,536 takes 20 s in torch, 8.7 s in numpy.
     """
-    flat = flat.detach().float()
-    if flat.device.type == "cpu":
-        flat, total = flat.numpy(), np.zeros((flat.shape[0], flat.shape[0]))
-    else:
-        total = torch.zeros(flat.shape[0], flat.shape[0], dtype=torch.float64, device=flat.device)
-    for start in range(0, flat.shape[1], chunk):
-        part = flat[:, start:start + chunk]
-        total += part @ part.T
-    return total if isinstance(total, np.ndarray) else total.cpu().numpy()
+
+    def __init__(self, samples: int, device: torch.device = torch.device("cpu"), chunk: int = 16384):
+        self._chunk = chunk
+        self._total: np.ndarray | torch.Tensor = (
+            np.zeros((samples, samples)) if device.type == "cpu"
+            else torch.zeros(samples, samples, dtype=torch.float64, device=device))
+
+    def add(self, flat: torch.Tensor) -> None:
+        """Add the products of one (N, d) slice of the features, on the accumulator's device."""
+        flat = flat.detach().float()
+        flat = flat.numpy() if isinstance(self._total, np.ndarray) else flat.to(self._total.device)
+        for start in range(0, flat.shape[1], self._chunk):
+            part = flat[:, start:start + self._chunk]
+            self._total += part @ part.T
+
+    def result(self) -> np.ndarray:
+        return self._total if isinstance(self._total, np.ndarray) else self._total.cpu().numpy()
+
+
+def gram_matrix(flat: torch.Tensor, chunk: int = 16384) -> np.ndarray:
+    """(N, D') -> (N, N) float64 Gram matrix flat @ flat.T, on flat's device (``GramAccumulator``)."""
+    gram = GramAccumulator(flat.shape[0], flat.device, chunk)
+    gram.add(flat)
+    return gram.result()
 
 
 @dataclass(frozen=True)

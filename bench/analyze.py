@@ -12,12 +12,18 @@ Goal on the 2-core CPU machine: under 5 minutes and 4 GB, by one forward pass wh
 temporary files tap by tap, analysed one tap at a time, instead of holding every layer's features
 (about 12 GB here) at once.
 
-Run: .venv/bin/python bench/analyze.py [--samples 5000] [--cpus N]
+With ``--tap C,H,W`` it measures instead the analysis of one tap that large (5,000 samples of
+64,80,80 is resnet18's first map on 160-px Imagenette: 8.2 GB, 7.6 GiB, of float32), from a file of random
+post-ReLU values written as the stage writes them (channel-major): the stage reads a tap a few
+channels at a time, so its peak memory should stay far under the tap's size.
+
+Run: .venv/bin/python bench/analyze.py [--samples 5000] [--cpus N] [--tap C,H,W]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -45,7 +51,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=5000)
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--tap", help="C,H,W: time one tap of this shape alone, from a random file")
     args = parser.parse_args()
+    if args.tap:
+        large_tap(args.samples, tuple(int(side) for side in args.tap.split(",")))
+        return
     with tempfile.TemporaryDirectory() as temporary:
         work = Path(temporary)
         per_class = -(-args.samples // 100)
@@ -84,6 +94,39 @@ def main() -> None:
           f"{part['samples']:,} images")
     print(f"analyze stage: {wall:.0f} s ({wall / GOAL_SECONDS:.2f} of the {GOAL_SECONDS} s goal; {split}), "
           f"peak RSS {peak_gb:.2f} GB ({peak_gb / GOAL_GB:.2f} of the {GOAL_GB:g} GB goal)")
+
+
+def large_tap(samples: int, shape: tuple[int, ...]) -> None:
+    """Seconds and peak RSS of ``analyse_tap`` on one (samples, *shape) tap, in its own process."""
+    code = """
+import json, sys, time
+from pathlib import Path
+import numpy as np
+from stages.analyze import LEGACY_SWITCHES, _TapFile, analyse_tap
+samples, shape, path = int(sys.argv[1]), tuple(json.loads(sys.argv[2])), Path(sys.argv[3])
+generator = np.random.default_rng(0)
+with open(path, "wb") as out:
+    for _ in range(shape[0]):
+        np.maximum(generator.standard_normal((samples, *shape[1:]), dtype=np.float32), 0).tofile(out)
+settings = {"analysis": {"stats": True, "geometry": True, "seed": 0, **dict.fromkeys(LEGACY_SWITCHES, False)}}
+seconds = dict.fromkeys(("forward", "stats", "geometry", "arrays"), 0.0)
+started = time.perf_counter()
+analyse_tap(_TapFile(path, samples, shape), (0.0, 6.0), np.arange(samples) % 100, settings, 50_000, seconds)
+seconds["all"] = time.perf_counter() - started
+status = open("/proc/self/status").read()
+print(json.dumps(seconds), next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")))
+"""
+    with tempfile.TemporaryDirectory() as temporary:
+        path = Path(temporary) / "tap.f32"
+        finished = subprocess.run([sys.executable, "-c", code, str(samples), json.dumps(shape), str(path)], check=True,
+                                  cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+    numbers, peak = finished.stdout.split()[:-1], finished.stdout.split()[-1]
+    seconds = json.loads(" ".join(numbers))
+    tap_gb, peak_gb = 4 * samples * math.prod(shape) / 1024**3, int(peak) / 1024**2  # GiB, as VmHWM
+    split = ", ".join(f"{key} {value:.0f} s" for key, value in seconds.items() if key != "all")
+    print(f"one {'x'.join(map(str, shape))} tap of {samples:,} samples ({tap_gb:.1f} GB of float32): analysed in "
+          f"{seconds['all']:.0f} s ({split}; reading counts as forward), peak RSS {peak_gb:.2f} GB "
+          f"({peak_gb / tap_gb:.2f} of the tap, {peak_gb / GOAL_GB:.2f} of the {GOAL_GB:g} GB goal)")
 
 
 if __name__ == "__main__":

@@ -7,14 +7,15 @@ Taps are read by forward hooks, as the methods read them (``models/taps.py``); w
 every generalised layer. A method that deploys extra modules (simkd) is analysed as its
 architecture alone, whose taps are the catalogue's.
 
-Memory: one tap of resnet32x4 on 5,000 CIFAR images is 1.3 GB of float32, and its generalised
-layers together about 12 GB. So one forward pass (stopped once the last tap has run) writes each
-tap's features batch by batch to its own file in a temporary folder (``$TMPDIR``: node-local
-scratch on a cluster, not the shared results tree), and the taps are then read back and analysed
-one at a time, each file deleted once its tap is done: memory holds one tap. Re-running the
-network from the input for each tap instead would cost the 2-core CPU about three times the one
-pass. Each tap's entry is checkpointed, so a requeued stage goes on from the next tap (after one
-more forward pass, for the taps still to do).
+Memory: one tap of resnet32x4 on 5,000 CIFAR images is 1.3 GB of float32, its generalised layers
+together about 12 GB, and resnet18's first map at 160 px alone 8 GB. So one forward pass (stopped
+once the last tap has run) writes each tap's features batch by batch to its own file in a temporary
+folder (``$TMPDIR``: node-local scratch on a cluster, not the shared results tree), channel-major,
+and the taps are then analysed one at a time, a few channels at a time (``analyse_tap``), each file
+deleted once its tap is done: memory holds a group of channels and one Gram matrix, whatever the
+tap's size. Re-running the network from the input for each tap instead would cost the 2-core CPU
+about three times the one pass. Each tap's entry is checkpointed, so a requeued stage goes on from
+the next tap (after one more forward pass, for the taps still to do).
 
 Outputs (``pipeline/store.py``): ``analysis.json`` (every number), ``analysis.pkl`` (the numbers and
 the arrays the figures draw: histograms, mean maps, log-power spectra; format in
@@ -25,10 +26,12 @@ teacher's larger one after pooling to the smaller size, as the feature losses do
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -37,8 +40,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from analysis.feature_stats import histogram, mean_log_power, tap_statistics_at
-from analysis.geometry import GeometryOptions, flatten_for_geometry, gram_matrix, layer_geometry
+from analysis.feature_stats import (ChannelTerms, channel_terms, combine_channel_terms, histogram_counts,
+                                    histogram_density, mean_log_power)
+from analysis.geometry import GeometryOptions, GramAccumulator, flatten_for_geometry, geometry_pool_kernel, layer_geometry
 from models.taps import generalised_layers, tap_module_name
 from pipeline.analysis_plots import save_analysis_figures
 from pipeline.store import done_digest, read_pickle, write_json, write_pickle
@@ -50,6 +54,9 @@ LEGACY_SWITCHES = tuple(field.name for field in fields(GeometryOptions))
 """Set by the sweep's analysis keys of the same names (pipeline/sweep_schema.py)."""
 SMALLEST_COMPARED_SIDE = 2
 """Statistics are kept at each halving of a map down to this side."""
+GROUP_BYTES = 256 * 2**20
+"""How much of a tap's features (float32) is read at a time, a few channels' worth: with the Gram
+matrix and one float64 channel per statistics thread, what the analysis of one tap holds."""
 
 
 def balanced_sample(labels: np.ndarray, samples: int, seed: int) -> tuple[np.ndarray, int]:
@@ -71,13 +78,17 @@ class _GroupDone(BaseException):
 
 
 class _TapRecorder:
-    """Forward hooks that append the chosen modules' outputs (float32, sample after sample) to one
-    file per tap in ``folder``, and stop the forward pass once the last chosen module has run as
-    often as it runs per pass."""
+    """Forward hooks that write the chosen modules' outputs (float32) to one file per tap in
+    ``folder``, channel-major (``_TapFile``), keep each tap's smallest and largest value, and stop
+    the forward pass once the last chosen module has run as often as it runs per pass."""
 
-    def __init__(self, model: nn.Module, modules: Sequence[str], probe: _Probe, folder: Path):
-        self.files = {name: folder / f"{index}.f32" for index, name in enumerate(modules)}
-        self._streams = {name: open(path, "wb") for name, path in self.files.items()}
+    def __init__(self, model: nn.Module, modules: Sequence[str], probe: _Probe, folder: Path, samples: int):
+        self.files = {name: _TapFile(folder / f"{index}.f32", samples, probe.shapes[name])
+                      for index, name in enumerate(modules)}
+        self.ranges: dict[str, tuple[float, float]] = {}
+        self._descriptors = {name: os.open(tap.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                             for name, tap in self.files.items()}
+        self._written = dict.fromkeys(modules, 0)
         self._calls = probe.calls
         self._seen: dict[str, int] = {}
         self._last = modules[-1]
@@ -90,12 +101,23 @@ class _TapRecorder:
             seen = self._seen[name] = self._seen.get(name, 0) + 1
             if seen < self._calls[name]:
                 return
-            captured = output if self._view is None else self._view(name, output)
-            self._streams[name].write(captured.detach().float().cpu().contiguous().numpy())  # no bytes copy
-            if name == self._last and all(self._seen.get(other, 0) >= self._calls[other] for other in self._streams):
+            captured = (output if self._view is None else self._view(name, output)).detach().float().cpu()
+            self._record(name, captured)
+            if name == self._last and all(self._seen.get(other, 0) >= self._calls[other] for other in self._descriptors):
                 raise _GroupDone
 
         return hook
+
+    def _record(self, name: str, captured: Tensor) -> None:
+        low, high = (float(value) for value in torch.aminmax(captured))
+        if name in self.ranges:
+            low, high = min(low, self.ranges[name][0]), max(high, self.ranges[name][1])
+        self.ranges[name] = low, high
+        tap, start = self.files[name], self._written[name]
+        by_channel = np.ascontiguousarray(captured.numpy().swapaxes(0, 1))  # (C, batch, ...)
+        for channel, values in enumerate(by_channel):
+            _write_at(self._descriptors[name], memoryview(values).cast("B"), tap.offset(channel, start))
+        self._written[name] = start + len(captured)
 
     def run(self, model: nn.Module, images: Tensor) -> None:
         self._seen = {}
@@ -107,8 +129,47 @@ class _TapRecorder:
     def close(self) -> None:
         for handle in self._handles:
             handle.remove()
-        for stream in self._streams.values():
-            stream.close()
+        for descriptor in self._descriptors.values():
+            os.close(descriptor)
+
+
+def _write_at(descriptor: int, data: memoryview, offset: int) -> None:
+    """All of ``data`` at ``offset`` (``os.pwrite`` may write less than it is given)."""
+    while data:
+        written = os.pwrite(descriptor, data, offset)
+        data, offset = data[written:], offset + written
+
+
+@dataclass(frozen=True)
+class _TapFile:
+    """One tap's features on disk, channel-major: channel c's values for all ``samples`` (in sample
+    order) lie together, so a channel, or a few, is one contiguous read. ``shape`` is one sample's
+    (C, H, W) or (D,); an embedding's D values are its channels."""
+
+    path: Path
+    samples: int
+    shape: tuple[int, ...]
+
+    @property
+    def channel_values(self) -> int:
+        """float32 values of one channel of one sample."""
+        return math.prod(self.shape[1:])
+
+    def offset(self, channel: int, sample: int) -> int:
+        """Byte offset of ``sample``'s values of ``channel``."""
+        return 4 * self.channel_values * (channel * self.samples + sample)
+
+    def channels(self, start: int, stop: int) -> Tensor:
+        """Channels ``start`` to ``stop`` as an (N, stop - start, ...) view of one read."""
+        values = np.fromfile(self.path, dtype=np.float32, count=(stop - start) * self.samples * self.channel_values,
+                             offset=self.offset(start, 0))
+        return torch.from_numpy(values.reshape(stop - start, self.samples, *self.shape[1:])).transpose(0, 1)
+
+    def groups(self) -> Iterator[tuple[int, int]]:
+        """(start, stop) of channel groups of at most ``GROUP_BYTES`` (one channel, when one is larger)."""
+        per_group = max(1, GROUP_BYTES // (4 * self.samples * self.channel_values))
+        for start in range(0, self.shape[0], per_group):
+            yield start, min(start + per_group, self.shape[0])
 
 
 @dataclass(frozen=True)
@@ -162,35 +223,64 @@ def halving_sizes(height: int, width: int) -> list[tuple[int, int]]:
 
 
 def analyse_tap(
-    features: Tensor, labels: np.ndarray, settings: Mapping[str, Any], train_size: int, seconds: dict[str, float],
-    device: torch.device = torch.device("cpu"),
+    tap: _TapFile, value_range: tuple[float, float], labels: np.ndarray, settings: Mapping[str, Any], train_size: int,
+    seconds: dict[str, float], device: torch.device = torch.device("cpu"),
 ) -> dict[str, Any]:
     """One tap's entry of the record: shape, statistics (at its size and each halving), geometry,
     histogram, mean map and log-power spectrum; the time each part took is added to ``seconds``.
-    The Gram matrix is multiplied on ``device`` (a GPU does resnet32x4's 5,000 x 65,536 in
-    milliseconds, two CPU cores in 9 s); the statistics run on the CPU in float64."""
+
+    The tap is read a group of channels at a time (``_TapFile.groups``), and every part takes what
+    it needs from each group: each channel's statistics, the group's slice of the Gram matrix, its
+    histogram counts (over ``value_range``, the whole tap's) and its share of the mean map and
+    spectrum. So one tap's memory is a group, the Gram matrix and a float64 channel per thread,
+    whatever its channel count: resnet18's first map at 160 px is 8 GB for 5,000 images. The Gram
+    matrix is multiplied on ``device`` (a GPU does resnet32x4's 5,000 x 65,536 in milliseconds, two
+    CPU cores in 9 s); the statistics run on the CPU in float64."""
     analysis = settings["analysis"]
-    maps = features.dim() == 4
-    entry: dict[str, Any] = {"shape": list(features.shape[1:]), "stats": None, "stats_at": {}, "geometry": None}
-    started = time.perf_counter()
+    maps = len(tap.shape) == 3
+    sizes = [None, *halving_sizes(*tap.shape[1:])] if maps else [None]
+    kernel = geometry_pool_kernel(tap.shape)
+    gram = GramAccumulator(tap.samples, device) if analysis["geometry"] else None
+    counts, mean_map, log_power, flat_length = 0.0, 0.0, 0.0, 0
+    per_channel: list[ChannelTerms] = []
+    workers = torch.get_num_threads()
+    with ThreadPoolExecutor(workers) as pool:
+        for start, stop in tap.groups():
+            started = time.perf_counter()
+            features = tap.channels(start, stop)
+            seconds["forward"] += time.perf_counter() - started
+            started = time.perf_counter()
+            if analysis["stats"]:
+                per_channel += pool.map(channel_terms, features.unbind(1), [sizes] * (stop - start))
+            seconds["stats"] += time.perf_counter() - started
+            started = time.perf_counter()
+            if gram is not None:
+                flat = flatten_for_geometry(features.to(device), kernel)
+                flat_length += flat.shape[1]
+                gram.add(flat)
+                del flat
+            seconds["geometry"] += time.perf_counter() - started
+            started = time.perf_counter()
+            counts = counts + histogram_counts(features, *value_range)
+            if maps:
+                mean_map = mean_map + features.sum(dim=(0, 1), dtype=torch.float64).numpy()
+                log_power = log_power + mean_log_power(features) * (stop - start)
+            seconds["arrays"] += time.perf_counter() - started
+            del features
+    entry: dict[str, Any] = {"shape": list(tap.shape), "stats": None, "stats_at": {}, "geometry": None}
     if analysis["stats"]:
-        sizes = halving_sizes(*features.shape[2:]) if maps else []
-        native, *pooled = tap_statistics_at(features, [None, *sizes], workers=torch.get_num_threads())
+        native, *pooled = combine_channel_terms(per_channel, len(sizes))
         entry["stats"] = asdict(native)
-        entry["stats_at"] = {f"{h}x{w}": asdict(statistics) for (h, w), statistics in zip(sizes, pooled)}
-    seconds["stats"] += time.perf_counter() - started
+        entry["stats_at"] = {f"{h}x{w}": asdict(statistics) for (h, w), statistics in zip(sizes[1:], pooled)}
     started = time.perf_counter()
-    if analysis["geometry"]:
-        flat = flatten_for_geometry(features.to(device))
+    if gram is not None:
         options = GeometryOptions(**{key: bool(analysis[key]) for key in LEGACY_SWITCHES})
-        geometry = layer_geometry(gram_matrix(flat), labels, train_size, int(flat.shape[1]), options, int(analysis["seed"]))
+        geometry = layer_geometry(gram.result(), labels, train_size, flat_length, options, int(analysis["seed"]))
         entry["geometry"] = geometry.as_dict()
     seconds["geometry"] += time.perf_counter() - started
-    started = time.perf_counter()
-    entry["histogram"] = histogram(features)
-    entry["mean_map"] = features.mean(dim=(0, 1)).double().numpy() if maps else None
-    entry["log_power"] = mean_log_power(features) if maps else None
-    seconds["arrays"] += time.perf_counter() - started
+    entry["histogram"] = histogram_density(counts, *value_range)
+    entry["mean_map"] = mean_map / (tap.samples * tap.shape[0]) if maps else None
+    entry["log_power"] = log_power / tap.shape[0] if maps else None
     return entry
 
 
@@ -273,7 +363,7 @@ def _analyse_split(
                                  f"temporary files, but {scratch} has {free / 1e9:.1f} GB free; point TMPDIR at a "
                                  "larger disk, or set analysis.taps or analysis.samples lower")
             started = time.perf_counter()
-            recorder = _TapRecorder(model, names, probe, Path(scratch))
+            recorder = _TapRecorder(model, names, probe, Path(scratch), len(rows))
             try:
                 for images in batches(rows):
                     recorder.run(model, images)
@@ -281,11 +371,10 @@ def _analyse_split(
                 recorder.close()
             seconds["forward"] += time.perf_counter() - started
             for name in names:
-                path = recorder.files[name]
-                features = torch.from_numpy(np.fromfile(path, dtype=np.float32).reshape(len(rows), *probe.shapes[name]))
-                path.unlink()
-                done[name] = analyse_tap(features, labels[rows], settings, len(data.train_labels), seconds, device)
-                del features
+                tap = recorder.files[name]
+                done[name] = analyse_tap(tap, recorder.ranges[name], labels[rows], settings, len(data.train_labels),
+                                         seconds, device)
+                tap.path.unlink()
                 stage.heartbeat()  # a runner that lost its lease stops before it writes
                 write_pickle(stage.folders.analysis_partial, partial)
     return _split_part(rows, per_class, probe.order, done)

@@ -140,6 +140,56 @@ def test_halving_sizes_go_down_to_two_pixels() -> None:
     assert halving_sizes(2, 2) == []
 
 
+def test_a_tap_streamed_a_few_channels_at_a_time_gives_the_whole_tap_s_numbers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Features written channel-major batch by batch and read back in groups of channels give what the
+    analysis functions give on the whole tensor at once: statistics, Gram-based geometry (a max-pooled
+    map included), histogram, mean map and spectrum; a (N, D) embedding's features are its channels."""
+    from dataclasses import asdict
+
+    from analysis.feature_stats import histogram, mean_log_power, tap_statistics_at
+    from analysis.geometry import flatten_for_geometry, gram_matrix, layer_geometry
+    from stages import analyze
+
+    monkeypatch.setattr(analyze, "GROUP_BYTES", 3 * 4 * 40 * 24 * 24)  # 3 of the 40 images' 24x24 channels
+    monkeypatch.setattr("analysis.geometry.MAX_FLAT_VALUES", 2_000)  # 8 x 24 x 24 is pooled by 2, 3 channels not
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(8 * 24 * 24, 7)).eval()
+    images = torch.randn(40, 2, 24, 24)
+    labels = np.arange(40) % 4
+    settings = {"analysis": {"stats": True, "geometry": True, "seed": 0,
+                             **{key: False for key in analyze.LEGACY_SWITCHES}}}
+    modules = ["1", "3"]
+    with torch.no_grad():
+        probe = analyze.probe_taps(model, modules, images[:2])
+        recorder = analyze._TapRecorder(model, modules, probe, tmp_path, len(images))
+        for batch in images.split(16):  # 16, 16, 8: batches do not fill channel groups evenly
+            recorder.run(model, batch)
+        recorder.close()
+        whole = {"1": model[1](model[0](images)), "3": model(images)}
+    for name, features in whole.items():
+        seconds = dict.fromkeys(("forward", "stats", "geometry", "arrays"), 0.0)
+        entry = analyze.analyse_tap(recorder.files[name], recorder.ranges[name], labels, settings, 1000, seconds)
+        maps = features.dim() == 4
+        sizes = [None, *analyze.halving_sizes(*features.shape[2:])] if maps else [None]
+        native, *pooled = tap_statistics_at(features, sizes)
+        assert entry["stats"] == pytest.approx(asdict(native), rel=1e-9, abs=1e-12, nan_ok=True), name
+        assert list(entry["stats_at"]) == (["12x12", "6x6", "3x3"] if maps else [])
+        for got, want in zip(entry["stats_at"].values(), pooled):
+            assert got == pytest.approx(asdict(want), rel=1e-9, abs=1e-12, nan_ok=True), name
+        flat = flatten_for_geometry(features)
+        expected = layer_geometry(gram_matrix(flat), labels, 1000, flat.shape[1]).as_dict()
+        assert entry["geometry"] == pytest.approx(expected, rel=1e-5), name
+        assert entry["geometry"]["dimension"] == flat.shape[1] == (8 * 12 * 12 if maps else 7), "the whole tap's kernel"
+        np.testing.assert_allclose(entry["histogram"]["density"], histogram(features)["density"], rtol=1e-6)
+        if maps:
+            np.testing.assert_allclose(entry["mean_map"], features.mean(dim=(0, 1)).double().numpy(), rtol=1e-5)
+            np.testing.assert_allclose(entry["log_power"], mean_log_power(features), rtol=1e-4, atol=1e-5)
+        else:
+            assert entry["mean_map"] is None and entry["log_power"] is None
+
+
 # --- the stage, on the tiny sweep's trained models ------------------------------------------------
 
 @pytest.fixture(scope="module")

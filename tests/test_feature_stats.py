@@ -230,3 +230,18 @@ def test_the_histogram_is_a_density_over_every_value() -> None:
     widths = np.diff(result["edges"])
     assert result["density"].shape == (100,) and result["edges"][0] == pytest.approx(float(values.min()))
     assert float((result["density"] * widths).sum()) == pytest.approx(1.0)
+
+
+def test_a_channel_taken_a_block_at_a_time_gives_the_whole_channel_s_statistics(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Moments summed block by block and maps' spatial terms block by block (uneven blocks: 7 maps of
+    6 x 6 in 100 values' worth, 2 maps a block) against the whole channel at once."""
+    from analysis import feature_stats
+
+    maps = np.random.default_rng(16).exponential(size=(7, 2, 6, 6)) ** 2
+    whole = tap_statistics(maps)
+    monkeypatch.setattr(feature_stats, "VALUES_PER_BLOCK", 100)
+    blocked = tap_statistics(maps)
+    for name in ("std", "cv", "skew", "excess_kurtosis", "iqr"):
+        assert getattr(blocked, name) == pytest.approx(getattr(whole, name), rel=1e-13), name
+    for name in SPATIAL:
+        assert getattr(blocked, name) == getattr(whole, name), name
