@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -187,22 +186,13 @@ ChannelTerms = list[tuple[tuple[float, ...], tuple[np.ndarray, ...] | None]]
 spatial terms; ``combine_channel_terms`` averages them into a tap's statistics."""
 
 
-def tap_statistics_at(
-    maps: np.ndarray | torch.Tensor, sizes: Sequence[tuple[int, int] | None], workers: int = 1,
-) -> list[TapStatistics]:
+def tap_statistics_at(maps: np.ndarray | torch.Tensor, sizes: Sequence[tuple[int, int] | None]) -> list[TapStatistics]:
     """``tap_statistics`` at each of ``sizes`` (None: the maps' own), each channel converted to
-    float64 once for all of them. ``workers`` threads take the channels in turn: numpy's FFT,
-    scipy's filters and PyWavelets release the GIL in their loops (1.8x on 2 cores), and each
-    thread holds one channel in float64 at a time."""
+    float64 once for all of them; the analyze stage runs the same parts on a few channels at a
+    time, on threads (numpy's FFT, scipy's filters and PyWavelets release the GIL in their loops)."""
     if maps.ndim not in (2, 4):
         raise ValueError(f"tap_statistics takes (N, C, H, W) maps or (N, D) embeddings, not shape {tuple(maps.shape)}")
-    channels = [maps[:, channel] for channel in range(maps.shape[1])]
-    if workers > 1:
-        with ThreadPoolExecutor(workers) as pool:
-            per_channel = list(pool.map(lambda channel: channel_terms(channel, sizes), channels))
-    else:
-        per_channel = [channel_terms(channel, sizes) for channel in channels]
-    return combine_channel_terms(per_channel, len(sizes))
+    return combine_channel_terms([channel_terms(maps[:, channel], sizes) for channel in range(maps.shape[1])], len(sizes))
 
 
 def channel_terms(channel: np.ndarray | torch.Tensor, sizes: Sequence[tuple[int, int] | None]) -> ChannelTerms:
@@ -243,15 +233,19 @@ def histogram(features: torch.Tensor) -> dict[str, np.ndarray]:
 def histogram_counts(features: torch.Tensor, low: float, high: float) -> np.ndarray:
     """How many of ``features`` fall in each of ``histogram``'s bins from ``low`` to ``high`` (the whole
     tap's range), in float64: a tap streamed in parts adds its parts' counts."""
-    high = high if high > low else low + 1.0
-    return torch.histc(features, bins=HISTOGRAM_BINS, min=low, max=high).double().numpy()
+    edges = _bin_edges(low, high)
+    return torch.histc(features, bins=HISTOGRAM_BINS, min=edges[0], max=edges[-1]).double().numpy()
 
 
 def histogram_density(counts: np.ndarray, low: float, high: float) -> dict[str, np.ndarray]:
     """``histogram``'s bin edges and density from its counts."""
-    high = high if high > low else low + 1.0
-    edges = np.linspace(low, high, HISTOGRAM_BINS + 1)
+    edges = _bin_edges(low, high)
     return {"edges": edges, "density": counts / (counts.sum() * (edges[1] - edges[0]))}
+
+
+def _bin_edges(low: float, high: float) -> np.ndarray:
+    """``HISTOGRAM_BINS`` equal bins from ``low`` to ``high``, one unit wide in all when they are equal."""
+    return np.linspace(low, high if high > low else low + 1.0, HISTOGRAM_BINS + 1)
 
 
 def mean_log_power(features: torch.Tensor, chunk: int = 256) -> np.ndarray:
