@@ -164,11 +164,12 @@ def statistics_heatmap(rows: list[str], columns: list[str], values: np.ndarray, 
 
 
 def save_analysis_figures(record: dict[str, Any], folder: Path, teacher: dict[str, Any] | None = None,
-                          split: str = "train", pairs: Sequence[tuple[str, str]] | None = None,
+                          split: str = "train", pairs: Sequence[tuple[str, str]] = (),
                           layers: bool = True) -> list[Path]:
     """Write ``Layers.png`` (when ``layers`` and the split has geometry) and, given the teacher's
-    record, one ``Tap-*.png`` (``tap_file_name``) per (teacher tap, student tap) of ``pairs``, by
-    default each tap name both records have; returns the paths written, in that order.
+    record, one ``Tap-*.png`` (``tap_file_name``) per (teacher tap, student tap) of ``pairs``
+    (which taps match is ``report``'s rule, ``analysis_report.compared_taps``); returns the paths
+    written, in that order.
 
     Each figure is rendered and dropped before the next is built, so one is alive at a time. Tap
     names are made safe for a file name (anything but letters, digits, ``.``, ``_``, ``+`` and ``-``
@@ -179,7 +180,7 @@ def save_analysis_figures(record: dict[str, Any], folder: Path, teacher: dict[st
         written.append(_write(folder / LAYERS_FILE, layer_curves(record, split)))
     if teacher is not None:
         files: dict[str, tuple[str, str]] = {}
-        for teacher_tap, student_tap in pairs if pairs is not None else [(tap, tap) for tap in shared_taps(teacher, record, split)]:
+        for teacher_tap, student_tap in pairs:
             file_name = tap_file_name(teacher_tap, student_tap)
             if file_name in files:
                 raise ValueError(f"{record['model_stage']}: tap pairs {files[file_name]} and {(teacher_tap, student_tap)} "
@@ -192,13 +193,6 @@ def save_analysis_figures(record: dict[str, Any], folder: Path, teacher: dict[st
 def has_geometry(record: dict[str, Any], split: str = "train") -> bool:
     """Whether any tap of the split carries geometry (it is None for every tap when geometry was off)."""
     return any(entry.get("geometry") is not None for entry in _split(record, split)["taps"].values())
-
-
-def shared_taps(teacher: dict[str, Any], student: dict[str, Any], split: str = "train") -> list[str]:
-    """Tap names both records have in the split, in the student's forward order."""
-    teacher_taps = _split(teacher, split)["taps"]
-    student_taps = _split(student, split)["taps"]
-    return [tap for tap in student["taps"] if tap in student_taps and tap in teacher_taps]
 
 
 def tap_file_name(tap: str, student_tap: str | None = None) -> str:

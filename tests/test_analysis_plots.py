@@ -132,10 +132,10 @@ def test_statistics_heatmap_refuses_values_of_the_wrong_shape() -> None:
         statistics_heatmap(["kd", "fitnet"], ["std", "skew", "iqr"], np.zeros((2, 2)), "wrong")
 
 
-def test_save_writes_layers_and_one_file_per_shared_tap(tmp_path: Path) -> None:
-    student = student_record(shapes={**STUDENT_SHAPES, "embedding": [64]})
-    written = save_analysis_figures(student, tmp_path, teacher=analysis_record())
+def test_save_writes_layers_and_one_file_per_tap_pair(tmp_path: Path) -> None:
     shared = ["stem", "layer1.0", "layer2.0", "layer3.0", "pool"]
+    written = save_analysis_figures(student_record(), tmp_path, teacher=analysis_record(),
+                                    pairs=[(tap, tap) for tap in shared])
     expected = [LAYERS_FILE, *(f"Tap-{tap}.png" for tap in shared)]
     assert written == [tmp_path / name for name in expected]
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(expected)
@@ -162,7 +162,8 @@ def test_save_without_teacher_or_geometry_writes_nothing(tmp_path: Path) -> None
 
 def test_save_without_geometry_still_writes_the_tap_files(tmp_path: Path) -> None:
     teacher = analysis_record(shapes={"stem": [32, 32, 32], "head": [100], "pool": [256]})
-    written = save_analysis_figures(student_record(geometry=False), tmp_path, teacher=teacher)
+    written = save_analysis_figures(student_record(geometry=False), tmp_path, teacher=teacher,
+                                    pairs=[("stem", "stem"), ("pool", "pool")])
     assert written == [tmp_path / "Tap-stem.png", tmp_path / "Tap-pool.png"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["Tap-pool.png", "Tap-stem.png"]
 

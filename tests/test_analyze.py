@@ -141,10 +141,11 @@ def test_halving_sizes_go_down_to_two_pixels() -> None:
 
 
 def test_a_tap_streamed_a_few_channels_at_a_time_gives_the_whole_tap_s_numbers(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Features written channel-major batch by batch and read back in groups of channels give what the
-    analysis functions give on the whole tensor at once: statistics, Gram-based geometry (a max-pooled
-    map included), histogram, mean map and spectrum; a (N, D) embedding's features are its channels."""
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restore_torch_threads: None) -> None:
+    """Features written channel-major batch by batch and read back in groups of channels, their
+    statistics on two threads, give what the analysis functions give on the whole tensor at once:
+    statistics, Gram-based geometry (a max-pooled map included), histogram, mean map and spectrum;
+    a (N, D) embedding's features are its channels."""
     from dataclasses import asdict
 
     from analysis.feature_stats import histogram, mean_log_power, tap_statistics_at
@@ -153,6 +154,7 @@ def test_a_tap_streamed_a_few_channels_at_a_time_gives_the_whole_tap_s_numbers(
 
     monkeypatch.setattr(analyze, "GROUP_BYTES", 3 * 4 * 40 * 24 * 24)  # 3 of the 40 images' 24x24 channels
     monkeypatch.setattr("analysis.geometry.MAX_FLAT_VALUES", 2_000)  # 8 x 24 x 24 is pooled by 2, 3 channels not
+    torch.set_num_threads(2)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(2, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
                                 torch.nn.Linear(8 * 24 * 24, 7)).eval()
